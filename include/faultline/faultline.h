@@ -1,0 +1,122 @@
+/* The C ABI of faultline: opaque handles, faultline_noun_verb() names.
+ * Functions returning int return 0 (or a count) on success and -errno on
+ * error; functions returning pointers return NULL and set errno on error.
+ * After an error, faultline_last_error() gives a message naming the problem
+ * (thread-local, valid until the next failing call on the same thread).
+ * No call allocates an error string the caller must free.
+ * Thread-safety: a reader may be used from many threads at once; a builder
+ * from one thread at a time. */
+#ifndef FAULTLINE_H
+#define FAULTLINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct faultline_reader faultline_reader;
+typedef struct faultline_builder faultline_builder;
+
+/* Element types (values match the C++ faultline::DType). */
+enum faultline_dtype {
+  FAULTLINE_DTYPE_F64 = 0, FAULTLINE_DTYPE_F32, FAULTLINE_DTYPE_F16, FAULTLINE_DTYPE_BF16,
+  FAULTLINE_DTYPE_F8_E4M3, FAULTLINE_DTYPE_F8_E5M2,
+  FAULTLINE_DTYPE_I64, FAULTLINE_DTYPE_I32, FAULTLINE_DTYPE_I16, FAULTLINE_DTYPE_I8,
+  FAULTLINE_DTYPE_U64, FAULTLINE_DTYPE_U32, FAULTLINE_DTYPE_U16, FAULTLINE_DTYPE_U8,
+  FAULTLINE_DTYPE_BOOL
+};
+
+enum faultline_codec { FAULTLINE_CODEC_RAW = 0, FAULTLINE_CODEC_ZSTD = 1 };
+
+/* The library version, e.g. "0.1.0". */
+const char* faultline_version(void);
+/* 1 when the CUDA tier is built in and a GPU is usable, else 0. */
+int faultline_has_cuda(void);
+/* The message of this thread's last failed call ("" if none). */
+const char* faultline_last_error(void);
+
+/* ---- reading ---- */
+
+/* Opens and checks a bundle. Returns -errno on error, or zero on success. */
+int faultline_reader_open(const char* path, faultline_reader** out);
+/* Closes a reader; NULL is ignored. */
+void faultline_reader_close(faultline_reader* reader);
+
+/* Number of models (>= 0). */
+int faultline_reader_model_count(const faultline_reader* reader);
+/* Name of model `model`; NULL+errno (ERANGE) for a bad index. Valid until close. */
+const char* faultline_reader_model_name(const faultline_reader* reader, int model);
+/* Number of tensors of model `model`, or -ERANGE. */
+int faultline_reader_tensor_count(const faultline_reader* reader, int model);
+
+/* Description of one tensor; pointers stay valid until the reader is closed.
+ * Set struct_size = sizeof(faultline_tensor_info) before the call, so the
+ * struct can grow. */
+typedef struct faultline_tensor_info {
+  size_t struct_size;
+  const char* name;
+  int dtype;                /* enum faultline_dtype */
+  int codec;                /* enum faultline_codec */
+  int ndim;
+  const uint64_t* shape;
+  uint64_t size;            /* bytes, uncompressed */
+  uint64_t stored_size;     /* bytes of its frames as stored */
+  uint32_t page_size;
+  uint64_t frame_count;
+} faultline_tensor_info;
+
+/* Returns -errno on error, or zero on success. */
+int faultline_reader_tensor_info(const faultline_reader* reader, int model, int tensor,
+                                 faultline_tensor_info* out);
+/* Finds a tensor by model and tensor name. Returns -ENOENT when absent. */
+int faultline_reader_find(const faultline_reader* reader, const char* model, const char* tensor,
+                          int* model_index, int* tensor_index);
+/* Reads a whole tensor (checked, decompressed on all cores) into dst, whose
+ * length must be the tensor's size. Returns -errno on error, or zero. */
+int faultline_reader_read_tensor(const faultline_reader* reader, int model, int tensor, void* dst,
+                                 size_t len);
+/* Reads frame `frame` of a tensor; len >= the frame's length. Returns the
+ * frame's length, or -errno. */
+int64_t faultline_reader_read_frame(const faultline_reader* reader, int model, int tensor,
+                                    uint64_t frame, void* dst, size_t len);
+/* Checks every frame. Returns -EBADMSG (or another -errno) naming the first
+ * bad frame in faultline_last_error(), or zero. */
+int faultline_reader_verify(const faultline_reader* reader);
+
+/* ---- writing ---- */
+
+typedef struct faultline_tensor_options {
+  int codec;          /* enum faultline_codec; default zstd */
+  int level;          /* zstd level; default 3 */
+  int shuffle;        /* non-zero: byte-shuffle filter */
+  uint32_t page_size; /* power of two in [4 KiB, 64 MiB]; default 64 KiB */
+} faultline_tensor_options;
+
+/* Fills `opts` with the defaults. */
+void faultline_tensor_options_init(faultline_tensor_options* opts);
+
+/* Returns -errno on error, or zero on success. */
+int faultline_builder_new(faultline_builder** out);
+void faultline_builder_free(faultline_builder* builder);
+/* Adds a model; returns its index (>= 0) or -errno. */
+int faultline_builder_add_model(faultline_builder* builder, const char* name);
+/* Sets a free-form metadata key/value of a model. */
+int faultline_builder_set_metadata(faultline_builder* builder, int model, const char* key,
+                                   const char* value);
+/* Adds a tensor. `data` (len bytes) must stay valid until build returns.
+ * opts may be NULL for the defaults. A bad argument (NULL, unknown dtype or
+ * codec) fails here; a bad name, page size, or a length that disagrees with
+ * dtype and shape is reported by faultline_builder_build. */
+int faultline_builder_add_tensor(faultline_builder* builder, int model, const char* name,
+                                 int dtype, const uint64_t* shape, int ndim, const void* data,
+                                 size_t len, const faultline_tensor_options* opts);
+/* Writes the bundle atomically. Returns -errno on error, or zero. */
+int faultline_builder_build(faultline_builder* builder, const char* path);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FAULTLINE_H */

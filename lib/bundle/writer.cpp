@@ -1,0 +1,359 @@
+// BundleBuilder: collects models and objects, then Build streams every
+// object through batches of frames: the batch is hashed and compressed on the
+// pool, then written in order by the calling thread, which deduplicates
+// frames by (content hash, length, codec, shuffle) so identical frames are
+// stored once. Memory stays bounded by one batch whatever the bundle's size.
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <ctime>
+#include <unordered_map>
+
+#include "bundle/codec.h"
+#include "bundle/manifest.h"
+#include "core/checksum.h"
+#include "core/status_macros.h"
+#include "core/thread_pool.h"
+#include "io/file.h"
+
+namespace faultline {
+
+using namespace internal;
+
+namespace {
+
+struct PendingObject {
+  TensorInfo info;                 // name, dtype, shape, size, codec, level, shuffle, page_size
+  bool is_blob = false;
+  BlobKind kind = BlobKind::kOther;
+  std::string media_type;
+  std::string blob_bytes;          // owned bytes of a blob
+  std::span<const std::byte> data; // in-memory tensor
+  std::shared_ptr<const void> keepalive;
+  TensorSource source;             // streamed tensor
+};
+
+struct DedupKey {
+  Hash128 hash;
+  uint32_t raw_length;
+  uint32_t codec_key;  // codec, shuffle and element size
+  bool operator==(const DedupKey&) const = default;
+};
+struct DedupKeyHash {
+  size_t operator()(const DedupKey& k) const noexcept { return k.hash.lo ^ (k.hash.hi * 31); }
+};
+
+std::string IsoTimeNow() {
+  time_t now = time(nullptr);
+  if (const char* sde = getenv("SOURCE_DATE_EPOCH")) now = static_cast<time_t>(strtoll(sde, nullptr, 10));
+  struct tm tm;
+  gmtime_r(&now, &tm);
+  char buf[32];
+  strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+}  // namespace
+
+struct ModelBuilder::Impl {
+  ModelInfo info;  // name, version, metadata, signature, dependencies
+  std::vector<PendingObject> objects;
+  Status error;
+
+  void Fail(Status s) {
+    if (error.ok()) error = s;
+  }
+  PendingObject* NewObject(std::string name, DType dtype, std::vector<uint64_t> shape,
+                           const TensorOptions& o, bool is_blob) {
+    const char* what = is_blob ? "blob" : "tensor";
+    Status s = CheckObjectName(name, what);
+    if (s.ok()) s = CheckPageSize(o.page_size);
+    if (s.ok() && (o.level < -131072 || o.level > 22))
+      s = Status::Error(EINVAL, "zstd level %d out of range", o.level);
+    for (const auto& p : objects)
+      if (s.ok() && p.is_blob == is_blob && p.info.name == name)
+        s = Status::Error(EEXIST, "duplicate %s name", what);
+    uint64_t bytes = 0;
+    if (s.ok()) s = ShapeBytes(dtype, shape, &bytes);
+    if (!s.ok()) {
+      Fail(s.WithPrefix("model '%.64s' %s '%.64s'", info.name.c_str(), what, name.c_str()));
+      return nullptr;
+    }
+    PendingObject& p = objects.emplace_back();
+    p.info.name = std::move(name);
+    p.info.dtype = dtype;
+    p.info.shape = std::move(shape);
+    p.info.size = bytes;
+    p.info.codec = o.codec;
+    p.info.level = o.codec == Codec::kZstd ? o.level : 0;
+    p.info.shuffle = o.codec == Codec::kZstd && o.shuffle && DTypeSize(dtype) > 1;
+    p.info.page_size = o.page_size;
+    p.is_blob = is_blob;
+    return &p;
+  }
+};
+
+ModelBuilder& ModelBuilder::SetVersion(std::string v) {
+  impl_->info.version = std::move(v);
+  return *this;
+}
+ModelBuilder& ModelBuilder::SetMetadata(ModelMetadata m) {
+  impl_->info.metadata = std::move(m);
+  return *this;
+}
+ModelBuilder& ModelBuilder::SetMetadataValue(std::string key, std::string value) {
+  impl_->info.metadata.extra[std::move(key)] = std::move(value);
+  return *this;
+}
+ModelBuilder& ModelBuilder::SetSignature(Signature s) {
+  impl_->info.signature = std::move(s);
+  return *this;
+}
+ModelBuilder& ModelBuilder::AddDependency(std::string name, std::string version) {
+  impl_->info.dependencies.push_back({std::move(name), std::move(version)});
+  return *this;
+}
+
+ModelBuilder& ModelBuilder::AddBlob(std::string name, BlobKind kind, std::string media_type,
+                                    std::string_view bytes) {
+  TensorOptions o;  // zstd level 3, 64 KiB frames
+  PendingObject* p = impl_->NewObject(std::move(name), DType::kU8, {bytes.size()}, o, true);
+  if (!p) return *this;
+  p->kind = kind;
+  p->media_type = std::move(media_type);
+  p->blob_bytes.assign(bytes);
+  return *this;
+}
+
+ModelBuilder& ModelBuilder::AddTensor(std::string name, DType dtype, std::vector<uint64_t> shape,
+                                      std::span<const std::byte> data, const TensorOptions& o,
+                                      std::shared_ptr<const void> keepalive) {
+  PendingObject* p = impl_->NewObject(std::move(name), dtype, std::move(shape), o, false);
+  if (!p) return *this;
+  if (data.size() != p->info.size) {
+    impl_->Fail(Status::Error(EINVAL, "model '%.64s' tensor '%.64s': %zu bytes given, dtype and shape need %llu",
+                              impl_->info.name.c_str(), p->info.name.c_str(), data.size(),
+                              static_cast<unsigned long long>(p->info.size)));
+    impl_->objects.pop_back();
+    return *this;
+  }
+  p->data = data;
+  p->keepalive = std::move(keepalive);
+  return *this;
+}
+
+ModelBuilder& ModelBuilder::AddTensorStream(std::string name, DType dtype,
+                                            std::vector<uint64_t> shape, TensorSource source,
+                                            const TensorOptions& o) {
+  PendingObject* p = impl_->NewObject(std::move(name), dtype, std::move(shape), o, false);
+  if (!p) return *this;
+  if (!source) {
+    impl_->Fail(Status::Error(EINVAL, "tensor '%.64s': empty source", p->info.name.c_str()));
+    impl_->objects.pop_back();
+    return *this;
+  }
+  p->source = std::move(source);
+  return *this;
+}
+
+struct BundleBuilder::Impl {
+  std::vector<std::unique_ptr<ModelBuilder::Impl>> models;
+  std::vector<std::unique_ptr<ModelBuilder>> handles;
+  Status error;
+  bool built = false;
+};
+
+BundleBuilder::BundleBuilder() : impl_(std::make_unique<Impl>()) {}
+BundleBuilder::~BundleBuilder() = default;
+
+ModelBuilder& BundleBuilder::AddModel(std::string name) {
+  auto m = std::make_unique<ModelBuilder::Impl>();
+  Status s = CheckModelName(name);
+  for (const auto& other : impl_->models)
+    if (s.ok() && other->info.name == name)
+      s = Status::Error(EEXIST, "duplicate model name '%.64s'", name.c_str());
+  if (!s.ok() && impl_->error.ok()) impl_->error = s;
+  m->info.name = std::move(name);
+  impl_->models.push_back(std::move(m));
+  impl_->handles.push_back(std::unique_ptr<ModelBuilder>(new ModelBuilder(impl_->models.back().get())));
+  return *impl_->handles.back();
+}
+
+namespace {
+
+// The write half of Build: owns the file position, the frame table and the
+// dedup index.
+class FrameWriter {
+ public:
+  FrameWriter(int fd, ThreadPool& pool, const BuildOptions& opts, uint64_t total)
+      : fd_(fd), pool_(pool), opts_(opts), total_(total) {}
+
+  Status WriteObject(PendingObject& p, BuildSummary* sum);
+  std::vector<FrameRecord>& frames() { return frames_; }
+  uint64_t position() const { return pos_; }
+
+ private:
+  int fd_;
+  ThreadPool& pool_;
+  const BuildOptions& opts_;
+  uint64_t total_, done_ = 0;
+  uint64_t pos_ = kHeaderSize;
+  std::vector<FrameRecord> frames_;
+  std::unordered_map<DedupKey, uint64_t, DedupKeyHash> dedup_;
+};
+
+Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
+  TensorInfo& t = p.info;
+  t.first_frame = frames_.size();
+  t.frame_count = (t.size + t.page_size - 1) / t.page_size;
+  t.stored_size = 0;
+  const uint64_t page = t.page_size;
+  FrameCodec codec{t.codec, t.level, t.shuffle, DTypeSize(t.dtype)};
+  uint32_t codec_key = static_cast<uint32_t>(t.codec) | (t.shuffle ? 2u : 0u) |
+                       static_cast<uint32_t>(codec.elem_size << 8);
+  // A batch: a few frames per thread, at most 256 MiB of input.
+  uint64_t batch = std::max<uint64_t>(1, std::min<uint64_t>(pool_.size() * 4ull, (256ull << 20) / page));
+  const size_t bound = MaxStoredLength(t.codec, page);
+  std::vector<std::byte> raw_buf(p.source ? batch * page : 0);
+  std::vector<std::byte> out_buf(batch * bound);
+  std::vector<std::byte> shuffle_buf(t.shuffle ? batch * page : 0);
+  struct Slot {
+    size_t stored = 0;
+    uint32_t flags = 0;
+    Hash128 hash;
+    Status status;
+  };
+  std::vector<Slot> slots(batch);
+  const std::byte* blob = reinterpret_cast<const std::byte*>(p.blob_bytes.data());
+
+  for (uint64_t b0 = 0; b0 < t.frame_count; b0 += batch) {
+    uint64_t n = std::min(batch, t.frame_count - b0);
+    uint64_t start = b0 * page;
+    uint64_t len = std::min<uint64_t>(n * page, t.size - start);
+    const std::byte* raw;
+    if (p.source) {
+      FL_RETURN_IF_ERROR(p.source(start, {raw_buf.data(), len})
+                             .WithPrefix("tensor '%.64s' source", t.name.c_str()));
+      raw = raw_buf.data();
+    } else {
+      raw = (p.is_blob ? blob : p.data.data()) + start;
+    }
+    pool_.ParallelFor(n, [&](size_t i) {
+      uint64_t off = i * page;
+      size_t flen = std::min<uint64_t>(page, len - off);
+      Slot& s = slots[i];
+      s.hash = ContentHash128(raw + off, flen);
+      auto r = EncodeFrame(codec, {raw + off, flen}, {out_buf.data() + i * bound, bound},
+                           t.shuffle ? shuffle_buf.data() + i * page : nullptr, &s.flags);
+      s.status = r.ok() ? Status::Ok() : r.status();
+      s.stored = r.ok() ? r.value() : 0;
+    });
+    for (uint64_t i = 0; i < n; i++) {
+      Slot& s = slots[i];
+      FL_RETURN_IF_ERROR(s.status.WithPrefix("tensor '%.64s' frame %llu", t.name.c_str(),
+                                             static_cast<unsigned long long>(b0 + i)));
+      uint32_t flen = static_cast<uint32_t>(std::min<uint64_t>(page, len - i * page));
+      DedupKey key{s.hash, flen, codec_key};
+      auto it = dedup_.find(key);
+      sum->frames++;
+      if (it != dedup_.end()) {
+        frames_.push_back(frames_[it->second]);
+        sum->dedup_saved_bytes += frames_.back().stored_length;
+      } else {
+        FrameRecord r;
+        r.offset = pos_;
+        r.stored_length = static_cast<uint32_t>(s.stored);
+        r.raw_length = flen;
+        r.flags = s.flags;
+        const std::byte* stored = out_buf.data() + i * bound;
+        r.checksum = Checksum64(stored, s.stored);
+        FL_RETURN_IF_ERROR(PwriteFull(fd_, stored, s.stored, pos_, "bundle frame"));
+        pos_ = AlignUp(pos_ + s.stored, kAlign);
+        dedup_.emplace(key, frames_.size());
+        frames_.push_back(r);
+        sum->unique_frames++;
+        sum->stored_bytes += s.stored;
+      }
+      t.stored_size += frames_.back().stored_length;
+    }
+    done_ += len;
+    if (opts_.progress) opts_.progress(done_, total_);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<BuildSummary> BundleBuilder::Build(const std::string& path, const BuildOptions& options) {
+  auto t0 = std::chrono::steady_clock::now();
+  if (impl_->built) return Status::Error(EINVAL, "Build was already called on this builder");
+  impl_->built = true;
+  FL_RETURN_IF_ERROR(impl_->error);
+  for (const auto& m : impl_->models) FL_RETURN_IF_ERROR(m->error);
+
+  BuildSummary sum;
+  for (const auto& m : impl_->models)
+    for (const auto& p : m->objects) sum.logical_bytes += p.info.size;
+
+  FL_ASSIGN_OR_RETURN(AtomicFile file, AtomicFile::Create(path));
+  ThreadPool pool(options.threads);
+  FrameWriter writer(file.fd(), pool, options, sum.logical_bytes);
+
+  BundleInfo info;
+  info.format_version = kBundleFormatVersion;
+  info.producer = options.producer.empty() ? std::string("faultline ") + Version() : options.producer;
+  info.created = IsoTimeNow();
+  for (auto& m : impl_->models) {
+    ModelInfo mi = m->info;
+    for (auto& p : m->objects) {
+      FL_RETURN_IF_ERROR(writer.WriteObject(p, &sum).WithPrefix("model '%.64s'", mi.name.c_str()));
+      if (p.is_blob) {
+        BlobInfo b;
+        b.name = p.info.name;
+        b.kind = p.kind;
+        b.media_type = p.media_type;
+        b.data = p.info;
+        mi.blobs.push_back(std::move(b));
+      } else {
+        mi.tensors.push_back(p.info);
+      }
+    }
+    info.models.push_back(std::move(mi));
+  }
+
+  Header h;
+  h.version = kBundleFormatVersion;
+  h.data_offset = kHeaderSize;
+  h.data_length = writer.position() - kHeaderSize;
+  const auto& frames = writer.frames();
+  h.frame_table_offset = AlignUp(writer.position(), kAlign);
+  h.frame_count = frames.size();
+  std::vector<std::byte> table(frames.size() * kFrameRecordSize);
+  for (size_t i = 0; i < frames.size(); i++)
+    EncodeFrameRecord(frames[i], table.data() + i * kFrameRecordSize);
+  h.frame_table_checksum = Checksum64(table.data(), table.size());
+  FL_RETURN_IF_ERROR(PwriteFull(file.fd(), table.data(), table.size(), h.frame_table_offset, "frame table"));
+
+  std::string manifest = ManifestToJson(info);
+  if (manifest.size() > kMaxManifestSize)
+    return Status::Error(EFBIG, "manifest of %zu bytes exceeds the format's limit", manifest.size());
+  h.manifest_offset = AlignUp(h.frame_table_offset + table.size(), kAlign);
+  h.manifest_length = manifest.size();
+  h.manifest_checksum = Checksum64(manifest.data(), manifest.size());
+  FL_RETURN_IF_ERROR(PwriteFull(file.fd(), manifest.data(), manifest.size(), h.manifest_offset, "manifest"));
+  h.file_size = AlignUp(h.manifest_offset + manifest.size(), kAlign);
+  if (ftruncate(file.fd(), static_cast<off_t>(h.file_size)) != 0)
+    return Status::Error(errno, "cannot size '%s'", path.c_str());
+  std::byte hdr[kHeaderSize];
+  EncodeHeader(h, hdr);
+  FL_RETURN_IF_ERROR(PwriteFull(file.fd(), hdr, kHeaderSize, 0, "header"));
+  FL_RETURN_IF_ERROR(file.Commit());
+
+  sum.file_size = h.file_size;
+  sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return sum;
+}
+
+}  // namespace faultline

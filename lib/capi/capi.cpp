@@ -1,0 +1,236 @@
+// The C ABI over the C++ API: handles wrap the C++ objects, every entry
+// point catches everything (no exception crosses extern "C") and turns a
+// Status into -errno plus a thread-local message.
+#include "faultline/faultline.h"
+
+#include <cstring>
+#include <new>
+
+#include "faultline/bundle.hpp"
+
+using namespace faultline;
+
+struct faultline_reader {
+  std::unique_ptr<BundleReader> reader;
+};
+
+struct faultline_builder {
+  BundleBuilder builder;
+  std::vector<ModelBuilder*> models;
+};
+
+namespace {
+
+thread_local char t_last_error[256];
+
+int Fail(const Status& s) {
+  snprintf(t_last_error, sizeof(t_last_error), "%s", s.message());
+  return -s.code();
+}
+
+int Fail(int code, const char* msg) {
+  snprintf(t_last_error, sizeof(t_last_error), "%s", msg);
+  return -code;
+}
+
+template <typename F>
+auto Guard(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    return Fail(ENOMEM, "out of memory");
+  } catch (const std::exception& e) {
+    return Fail(EIO, e.what());
+  } catch (...) {
+    return Fail(EIO, "unknown error");
+  }
+}
+
+const TensorInfo* Tensor(const faultline_reader* r, int model, int tensor) {
+  if (!r) return nullptr;
+  const auto& models = r->reader->info().models;
+  if (model < 0 || static_cast<size_t>(model) >= models.size()) return nullptr;
+  const auto& tensors = models[model].tensors;
+  if (tensor < 0 || static_cast<size_t>(tensor) >= tensors.size()) return nullptr;
+  return &tensors[tensor];
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* faultline_version(void) { return Version(); }
+int faultline_has_cuda(void) { return 0; }
+const char* faultline_last_error(void) { return t_last_error; }
+
+int faultline_reader_open(const char* path, faultline_reader** out) {
+  if (!path || !out) return Fail(EINVAL, "path and out must not be NULL");
+  return Guard([&] {
+    auto r = BundleReader::Open(path);
+    if (!r.ok()) return Fail(r.status());
+    *out = new faultline_reader{std::move(r).value()};
+    return 0;
+  });
+}
+
+void faultline_reader_close(faultline_reader* reader) { delete reader; }
+
+int faultline_reader_model_count(const faultline_reader* r) {
+  if (!r) return Fail(EINVAL, "reader is NULL");
+  return static_cast<int>(r->reader->info().models.size());
+}
+
+const char* faultline_reader_model_name(const faultline_reader* r, int model) {
+  if (!r || model < 0 || static_cast<size_t>(model) >= r->reader->info().models.size()) {
+    Fail(ERANGE, "no such model index");
+    errno = ERANGE;
+    return nullptr;
+  }
+  return r->reader->info().models[model].name.c_str();
+}
+
+int faultline_reader_tensor_count(const faultline_reader* r, int model) {
+  if (!r || model < 0 || static_cast<size_t>(model) >= r->reader->info().models.size())
+    return Fail(ERANGE, "no such model index");
+  return static_cast<int>(r->reader->info().models[model].tensors.size());
+}
+
+int faultline_reader_tensor_info(const faultline_reader* r, int model, int tensor,
+                                 faultline_tensor_info* out) {
+  const TensorInfo* t = Tensor(r, model, tensor);
+  if (!t) return Fail(ERANGE, "no such model or tensor index");
+  if (!out || out->struct_size < sizeof(faultline_tensor_info))
+    return Fail(EINVAL, "out is NULL or its struct_size is too small");
+  out->name = t->name.c_str();
+  out->dtype = static_cast<int>(t->dtype);
+  out->codec = static_cast<int>(t->codec);
+  out->ndim = static_cast<int>(t->shape.size());
+  out->shape = t->shape.data();
+  out->size = t->size;
+  out->stored_size = t->stored_size;
+  out->page_size = t->page_size;
+  out->frame_count = t->frame_count;
+  return 0;
+}
+
+int faultline_reader_find(const faultline_reader* r, const char* model, const char* tensor,
+                          int* model_index, int* tensor_index) {
+  if (!r || !model || !tensor) return Fail(EINVAL, "NULL argument");
+  const auto& models = r->reader->info().models;
+  for (size_t m = 0; m < models.size(); m++) {
+    if (models[m].name != model) continue;
+    for (size_t t = 0; t < models[m].tensors.size(); t++)
+      if (models[m].tensors[t].name == tensor) {
+        if (model_index) *model_index = static_cast<int>(m);
+        if (tensor_index) *tensor_index = static_cast<int>(t);
+        return 0;
+      }
+    return Fail(ENOENT, "no such tensor in that model");
+  }
+  return Fail(ENOENT, "no such model");
+}
+
+int faultline_reader_read_tensor(const faultline_reader* r, int model, int tensor, void* dst,
+                                 size_t len) {
+  const TensorInfo* t = Tensor(r, model, tensor);
+  if (!t) return Fail(ERANGE, "no such model or tensor index");
+  if (!dst && len > 0) return Fail(EINVAL, "dst is NULL");
+  return Guard([&] {
+    Status s = r->reader->ReadTensor(*t, {static_cast<std::byte*>(dst), len});
+    return s.ok() ? 0 : Fail(s);
+  });
+}
+
+int64_t faultline_reader_read_frame(const faultline_reader* r, int model, int tensor,
+                                    uint64_t frame, void* dst, size_t len) {
+  const TensorInfo* t = Tensor(r, model, tensor);
+  if (!t) return Fail(ERANGE, "no such model or tensor index");
+  if (!dst) return Fail(EINVAL, "dst is NULL");
+  return Guard([&]() -> int64_t {
+    Status s = r->reader->ReadFrame(*t, frame, {static_cast<std::byte*>(dst), len});
+    if (!s.ok()) return Fail(s);
+    return static_cast<int64_t>(std::min<uint64_t>(t->page_size, t->size - frame * t->page_size));
+  });
+}
+
+int faultline_reader_verify(const faultline_reader* r) {
+  if (!r) return Fail(EINVAL, "reader is NULL");
+  return Guard([&] {
+    Status s = r->reader->Verify();
+    return s.ok() ? 0 : Fail(s);
+  });
+}
+
+void faultline_tensor_options_init(faultline_tensor_options* o) {
+  if (!o) return;
+  TensorOptions d;
+  o->codec = static_cast<int>(d.codec);
+  o->level = d.level;
+  o->shuffle = d.shuffle;
+  o->page_size = d.page_size;
+}
+
+int faultline_builder_new(faultline_builder** out) {
+  if (!out) return Fail(EINVAL, "out is NULL");
+  return Guard([&] {
+    *out = new faultline_builder();
+    return 0;
+  });
+}
+
+void faultline_builder_free(faultline_builder* b) { delete b; }
+
+int faultline_builder_add_model(faultline_builder* b, const char* name) {
+  if (!b || !name) return Fail(EINVAL, "NULL argument");
+  return Guard([&] {
+    b->models.push_back(&b->builder.AddModel(name));
+    return static_cast<int>(b->models.size() - 1);
+  });
+}
+
+int faultline_builder_set_metadata(faultline_builder* b, int model, const char* key,
+                                   const char* value) {
+  if (!b || !key || !value) return Fail(EINVAL, "NULL argument");
+  if (model < 0 || static_cast<size_t>(model) >= b->models.size())
+    return Fail(ERANGE, "no such model index");
+  return Guard([&] {
+    b->models[model]->SetMetadataValue(key, value);
+    return 0;
+  });
+}
+
+int faultline_builder_add_tensor(faultline_builder* b, int model, const char* name, int dtype,
+                                 const uint64_t* shape, int ndim, const void* data, size_t len,
+                                 const faultline_tensor_options* opts) {
+  if (!b || !name || (ndim > 0 && !shape) || (len > 0 && !data))
+    return Fail(EINVAL, "NULL argument");
+  if (model < 0 || static_cast<size_t>(model) >= b->models.size())
+    return Fail(ERANGE, "no such model index");
+  if (dtype < 0 || dtype >= kDTypeCount) return Fail(EINVAL, "unknown dtype");
+  if (ndim < 0 || ndim > 32) return Fail(EINVAL, "ndim must be 0-32");
+  TensorOptions o;
+  if (opts) {
+    if (opts->codec != FAULTLINE_CODEC_RAW && opts->codec != FAULTLINE_CODEC_ZSTD)
+      return Fail(EINVAL, "unknown codec");
+    o.codec = static_cast<Codec>(opts->codec);
+    o.level = opts->level;
+    o.shuffle = opts->shuffle != 0;
+    o.page_size = opts->page_size;
+  }
+  return Guard([&] {
+    b->models[model]->AddTensor(name, static_cast<DType>(dtype),
+                                std::vector<uint64_t>(shape, shape + ndim),
+                                {static_cast<const std::byte*>(data), len}, o);
+    return 0;
+  });
+}
+
+int faultline_builder_build(faultline_builder* b, const char* path) {
+  if (!b || !path) return Fail(EINVAL, "NULL argument");
+  return Guard([&] {
+    auto r = b->builder.Build(path);
+    return r.ok() ? 0 : Fail(r.status());
+  });
+}
+
+}  // extern "C"
