@@ -1,0 +1,84 @@
+// The C ABI: build and read a bundle through faultline.h, and its error
+// convention (-errno, NULL+errno, faultline_last_error).
+#include <doctest/doctest.h>
+
+#include "faultline/faultline.h"
+#include "helpers.h"
+
+using namespace faultline::test;
+
+TEST_CASE("the C ABI builds a bundle and reads it back") {
+  TempDir dir;
+  std::string path = dir / "c.apbundle";
+  auto w = RandomBytes(3 * 4096 + 10, 1, true);
+  faultline_builder* b = nullptr;
+  REQUIRE(faultline_builder_new(&b) == 0);
+  int m = faultline_builder_add_model(b, "cmodel");
+  REQUIRE(m == 0);
+  CHECK(faultline_builder_set_metadata(b, m, "k", "v") == 0);
+  faultline_tensor_options o;
+  faultline_tensor_options_init(&o);
+  CHECK(o.codec == FAULTLINE_CODEC_ZSTD);
+  CHECK(o.page_size == 65536);
+  o.page_size = 4096;
+  uint64_t shape[] = {w.size()};
+  REQUIRE(faultline_builder_add_tensor(b, m, "w", FAULTLINE_DTYPE_U8, shape, 1, w.data(), w.size(), &o) == 0);
+  REQUIRE(faultline_builder_build(b, path.c_str()) == 0);
+  faultline_builder_free(b);
+
+  faultline_reader* r = nullptr;
+  REQUIRE(faultline_reader_open(path.c_str(), &r) == 0);
+  CHECK(faultline_reader_model_count(r) == 1);
+  CHECK(std::string(faultline_reader_model_name(r, 0)) == "cmodel");
+  CHECK(faultline_reader_tensor_count(r, 0) == 1);
+  faultline_tensor_info info;
+  info.struct_size = sizeof(info);
+  REQUIRE(faultline_reader_tensor_info(r, 0, 0, &info) == 0);
+  CHECK(std::string(info.name) == "w");
+  CHECK(info.dtype == FAULTLINE_DTYPE_U8);
+  CHECK(info.ndim == 1);
+  CHECK(info.shape[0] == w.size());
+  CHECK(info.frame_count == 4);
+  int mi = -1, ti = -1;
+  CHECK(faultline_reader_find(r, "cmodel", "w", &mi, &ti) == 0);
+  CHECK(mi == 0);
+  CHECK(ti == 0);
+  std::vector<std::byte> out(w.size());
+  REQUIRE(faultline_reader_read_tensor(r, 0, 0, out.data(), out.size()) == 0);
+  CHECK(out == w);
+  std::vector<std::byte> frame(4096);
+  CHECK(faultline_reader_read_frame(r, 0, 0, 3, frame.data(), frame.size()) == 10);
+  CHECK(memcmp(frame.data(), w.data() + 3 * 4096, 10) == 0);
+  CHECK(faultline_reader_verify(r) == 0);
+  faultline_reader_close(r);
+}
+
+TEST_CASE("C ABI errors are -errno with a message, never a crash") {
+  TempDir dir;
+  faultline_reader* r = nullptr;
+  CHECK(faultline_reader_open((dir / "missing").c_str(), &r) == -ENOENT);
+  CHECK(std::string(faultline_last_error()).find("missing") != std::string::npos);
+  CHECK(faultline_reader_open(nullptr, &r) == -EINVAL);
+  WriteFileBytes(dir / "junk", "not a bundle at all", 19);
+  CHECK(faultline_reader_open((dir / "junk").c_str(), &r) < 0);
+  CHECK(std::string(faultline_last_error()).find("truncated") != std::string::npos);
+  CHECK(faultline_reader_model_count(nullptr) == -EINVAL);
+  errno = 0;
+  CHECK(faultline_reader_model_name(nullptr, 0) == nullptr);
+  CHECK(errno == ERANGE);
+  faultline_reader_close(nullptr);
+
+  faultline_builder* b = nullptr;
+  REQUIRE(faultline_builder_new(&b) == 0);
+  int m = faultline_builder_add_model(b, "m");
+  uint64_t shape[] = {4};
+  char data[4] = {};
+  CHECK(faultline_builder_add_tensor(b, 5, "w", FAULTLINE_DTYPE_U8, shape, 1, data, 4, nullptr) == -ERANGE);
+  CHECK(faultline_builder_add_tensor(b, m, "w", 99, shape, 1, data, 4, nullptr) == -EINVAL);
+  CHECK(faultline_builder_add_tensor(b, m, "w", FAULTLINE_DTYPE_F32, shape, 1, data, 4, nullptr) == 0);
+  CHECK(faultline_builder_build(b, (dir / "x.apbundle").c_str()) == -EINVAL);
+  CHECK(std::string(faultline_last_error()).find("dtype and shape need 16") != std::string::npos);
+  faultline_builder_free(b);
+  CHECK(std::string(faultline_version()) == "0.1.0");
+  CHECK(faultline_has_cuda() == 0);
+}
