@@ -35,6 +35,8 @@ struct BundleReader::Impl {
   // object in errors.
   Status DecodeRange(const TensorInfo& obj, uint64_t first, uint64_t count, std::byte* out,
                      const char* label) const;
+  Status ReadRawRange(const TensorInfo& obj, uint64_t first, uint64_t count, std::byte* out,
+                      const char* label) const;
   // Frames [first, first + count) (the whole object by default), in chunks
   // spread over the pool.
   Status DecodeAll(const TensorInfo& obj, std::byte* out, const char* label, uint64_t first = 0,

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstring>
 #include <ctime>
+#include <future>
 #include <unordered_map>
 
 #include "bundle/codec.h"
@@ -213,48 +214,39 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
   FrameCodec codec{t.codec, t.level, t.shuffle, DTypeSize(t.dtype)};
   uint32_t codec_key = static_cast<uint32_t>(t.codec) | (t.shuffle ? 2u : 0u) |
                        static_cast<uint32_t>(codec.elem_size << 8);
-  // A batch: a few frames per thread, at most 256 MiB of input.
-  uint64_t batch = std::max<uint64_t>(1, std::min<uint64_t>(pool_.size() * 4ull, (256ull << 20) / page));
+  // A batch: a few frames per thread, at most 128 MiB of input. Two batch
+  // buffers form a pipeline: the pool compresses batch k+1 while a writer
+  // thread deduplicates and writes batch k.
+  uint64_t batch = std::max<uint64_t>(1, std::min<uint64_t>(pool_.size() * 8ull, (128ull << 20) / page));
   const size_t bound = MaxStoredLength(t.codec, page);
-  std::vector<std::byte> raw_buf(p.source ? batch * page : 0);
-  std::vector<std::byte> out_buf(batch * bound);
-  std::vector<std::byte> shuffle_buf(t.shuffle ? batch * page : 0);
   struct Slot {
     size_t stored = 0;
     uint32_t flags = 0;
     Hash128 hash;
     Status status;
   };
-  std::vector<Slot> slots(batch);
+  struct Batch {
+    std::vector<std::byte> raw, out, shuffle;
+    std::vector<Slot> slots;
+    uint64_t first = 0, count = 0, len = 0;
+  };
+  Batch bufs[2];
+  for (auto& b : bufs) {
+    b.raw.resize(p.source ? batch * page : 0);
+    b.out.resize(batch * bound);
+    b.shuffle.resize(t.shuffle ? batch * page : 0);
+    b.slots.resize(batch);
+  }
   const std::byte* blob = reinterpret_cast<const std::byte*>(p.blob_bytes.data());
 
-  for (uint64_t b0 = 0; b0 < t.frame_count; b0 += batch) {
-    uint64_t n = std::min(batch, t.frame_count - b0);
-    uint64_t start = b0 * page;
-    uint64_t len = std::min<uint64_t>(n * page, t.size - start);
-    const std::byte* raw;
-    if (p.source) {
-      FL_RETURN_IF_ERROR(p.source(start, {raw_buf.data(), len})
-                             .WithPrefix("tensor '%.64s' source", t.name.c_str()));
-      raw = raw_buf.data();
-    } else {
-      raw = (p.is_blob ? blob : p.data.data()) + start;
-    }
-    pool_.ParallelFor(n, [&](size_t i) {
-      uint64_t off = i * page;
-      size_t flen = std::min<uint64_t>(page, len - off);
-      Slot& s = slots[i];
-      s.hash = ContentHash128(raw + off, flen);
-      auto r = EncodeFrame(codec, {raw + off, flen}, {out_buf.data() + i * bound, bound},
-                           t.shuffle ? shuffle_buf.data() + i * page : nullptr, &s.flags);
-      s.status = r.ok() ? Status::Ok() : r.status();
-      s.stored = r.ok() ? r.value() : 0;
-    });
-    for (uint64_t i = 0; i < n; i++) {
-      Slot& s = slots[i];
+  // Runs on the writer thread; frames_, dedup_, pos_ and *sum are touched
+  // only here while a write is pending.
+  auto write_batch = [&](Batch& b) -> Status {
+    for (uint64_t i = 0; i < b.count; i++) {
+      Slot& s = b.slots[i];
       FL_RETURN_IF_ERROR(s.status.WithPrefix("tensor '%.64s' frame %llu", t.name.c_str(),
-                                             static_cast<unsigned long long>(b0 + i)));
-      uint32_t flen = static_cast<uint32_t>(std::min<uint64_t>(page, len - i * page));
+                                             static_cast<unsigned long long>(b.first + i)));
+      uint32_t flen = static_cast<uint32_t>(std::min<uint64_t>(page, b.len - i * page));
       DedupKey key{s.hash, flen, codec_key};
       auto it = dedup_.find(key);
       sum->frames++;
@@ -267,7 +259,7 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
         r.stored_length = static_cast<uint32_t>(s.stored);
         r.raw_length = flen;
         r.flags = s.flags;
-        const std::byte* stored = out_buf.data() + i * bound;
+        const std::byte* stored = b.out.data() + i * bound;
         r.checksum = Checksum64(stored, s.stored);
         FL_RETURN_IF_ERROR(PwriteFull(fd_, stored, s.stored, pos_, "bundle frame"));
         pos_ = AlignUp(pos_ + s.stored, kAlign);
@@ -278,10 +270,46 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
       }
       t.stored_size += frames_.back().stored_length;
     }
-    done_ += len;
+    return Status::Ok();
+  };
+
+  std::future<Status> pending;
+  Status status;
+  for (uint64_t b0 = 0, k = 0; b0 < t.frame_count && status.ok(); b0 += batch, k++) {
+    Batch& b = bufs[k % 2];
+    b.first = b0;
+    b.count = std::min(batch, t.frame_count - b0);
+    uint64_t start = b0 * page;
+    b.len = std::min<uint64_t>(b.count * page, t.size - start);
+    const std::byte* raw;
+    if (p.source) {
+      status = p.source(start, {b.raw.data(), b.len}).WithPrefix("tensor '%.64s' source", t.name.c_str());
+      if (!status.ok()) break;
+      raw = b.raw.data();
+    } else {
+      raw = (p.is_blob ? blob : p.data.data()) + start;
+    }
+    pool_.ParallelFor(b.count, [&](size_t i) {
+      uint64_t off = i * page;
+      size_t flen = std::min<uint64_t>(page, b.len - off);
+      Slot& s = b.slots[i];
+      s.hash = ContentHash128(raw + off, flen);
+      auto r = EncodeFrame(codec, {raw + off, flen}, {b.out.data() + i * bound, bound},
+                           t.shuffle ? b.shuffle.data() + i * page : nullptr, &s.flags);
+      s.status = r.ok() ? Status::Ok() : r.status();
+      s.stored = r.ok() ? r.value() : 0;
+    });
+    if (pending.valid()) status = pending.get();
+    if (!status.ok()) break;
+    pending = std::async(std::launch::async, [&write_batch, &b] { return write_batch(b); });
+    done_ += b.len;
     if (opts_.progress) opts_.progress(done_, total_);
   }
-  return Status::Ok();
+  if (pending.valid()) {
+    Status last = pending.get();
+    if (status.ok()) status = last;
+  }
+  return status;
 }
 
 }  // namespace

@@ -240,11 +240,13 @@ TEST_CASE("a failed build leaves nothing at the target and keeps an existing fil
   std::string path = dir / "out.apbundle";
   WriteFileBytes(path, "old", 3);
   BundleBuilder b;
-  b.AddModel("m").AddTensorStream("s", DType::kU8, {1 << 20},
+  TensorOptions o;
+  o.page_size = 4096;  // many batches, so the failure comes mid-way
+  b.AddModel("m").AddTensorStream("s", DType::kU8, {4 << 20},
                                   [](uint64_t off, std::span<std::byte>) {
-                                    return off > 0 ? Status::Error(EIO, "source broke")
-                                                   : Status::Ok();
-                                  });
+                                    return off > (1u << 20) ? Status::Error(EIO, "source broke")
+                                                            : Status::Ok();
+                                  }, o);
   auto r = b.Build(path);
   REQUIRE_FALSE(r.ok());
   CHECK(std::string(r.status().message()).find("source broke") != std::string::npos);

@@ -1,0 +1,183 @@
+// Bundle benchmarks. Each runs its baseline in the same iteration and
+// reports the ratio (these machines are noisy; figures from different runs
+// do not compare):
+//   BM_Pack      builder throughput vs a bare zstd compress loop over the
+//                same frames on the same number of threads;
+//   BM_FullLoad  ReadTensor (io_uring read + checksum + decompress) vs a bare
+//                zstd decompress loop over the same frames already in memory.
+#include <benchmark/benchmark.h>
+#include <zstd.h>
+
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include "bundle/codec.h"
+#include "bundle/reader_impl.h"
+#include "core/thread_pool.h"
+#include "faultline/bundle.hpp"
+
+using namespace faultline;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// Weight-like data: bf16 or f32 values of a narrow Gaussian.
+std::vector<std::byte> Weights(size_t bytes, DType dtype) {
+  std::vector<std::byte> out(bytes);
+  uint64_t s = 88172645463325252ull;
+  auto next = [&] {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    return s;
+  };
+  auto gauss = [&] {
+    double u = 0;
+    for (int i = 0; i < 4; i++) u += static_cast<double>(next() >> 11) * 0x1.0p-53;
+    return static_cast<float>((u - 2.0) * 0.035);
+  };
+  if (dtype == DType::kF32) {
+    auto* f = reinterpret_cast<float*>(out.data());
+    for (size_t i = 0; i < bytes / 4; i++) f[i] = gauss();
+  } else {
+    auto* h = reinterpret_cast<uint16_t*>(out.data());
+    for (size_t i = 0; i < bytes / 2; i++) {
+      float v = gauss();
+      uint32_t b;
+      memcpy(&b, &v, 4);
+      h[i] = static_cast<uint16_t>(b >> 16);
+    }
+  }
+  return out;
+}
+
+std::string TempPath(const char* name) {
+  const char* t = getenv("TMPDIR");
+  return std::string(t && *t ? t : "/tmp") + "/faultline-bench-" + std::to_string(getpid()) + "-" + name;
+}
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+constexpr size_t kBytes = 128ull << 20;
+
+// Args: 0 = zstd, 1 = zstd + shuffle.
+void BM_Pack(benchmark::State& state) {
+  const bool shuffle = state.range(0) == 1;
+  const DType dtype = DType::kBF16;
+  static const auto data = Weights(kBytes, dtype);
+  TensorOptions opts;
+  opts.shuffle = shuffle;
+  std::string path = TempPath("pack.apbundle");
+  internal::ThreadPool pool;
+  const size_t page = opts.page_size, frames = kBytes / page;
+  const size_t bound = ZSTD_compressBound(page);
+  std::vector<std::byte> out(frames * bound), scratch(shuffle ? kBytes : 0);
+  internal::FrameCodec codec{Codec::kZstd, opts.level, shuffle, DTypeSize(dtype)};
+  double pack_s = 0, limit_s = 0;
+  uint64_t file_size = 0;
+  for (auto _ : state) {
+    auto t0 = Clock::now();
+    BundleBuilder b;
+    b.AddModel("m").AddTensor("w", dtype, {kBytes / 2}, data, opts);
+    auto r = b.Build(path);
+    auto t1 = Clock::now();
+    if (!r.ok()) state.SkipWithError(r.status().message());
+    file_size = r.ok() ? r->file_size : 0;
+    // The limit: the same frames through the same codec on the same threads.
+    pool.ParallelFor(frames, [&](size_t i) {
+      uint32_t flags;
+      auto n = internal::EncodeFrame(codec, {data.data() + i * page, page},
+                                     {out.data() + i * bound, bound},
+                                     shuffle ? scratch.data() + i * page : nullptr, &flags);
+      benchmark::DoNotOptimize(n);
+    });
+    auto t2 = Clock::now();
+    pack_s += Seconds(t0, t1);
+    limit_s += Seconds(t1, t2);
+    state.SetIterationTime(Seconds(t0, t1));
+  }
+  unlink(path.c_str());
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * kBytes));
+  state.counters["limit_MBps"] = static_cast<double>(state.iterations() * kBytes) / limit_s / 1e6;
+  state.counters["ratio_vs_limit"] = limit_s / pack_s;
+  state.counters["compression"] = static_cast<double>(kBytes) / static_cast<double>(file_size);
+  state.counters["threads"] = pool.size();
+}
+BENCHMARK(BM_Pack)->Arg(0)->Arg(1)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+
+// Args: codec (0 raw, 1 zstd, 2 zstd + shuffle).
+void BM_FullLoad(benchmark::State& state) {
+  const int mode = static_cast<int>(state.range(0));
+  const DType dtype = DType::kBF16;
+  static const auto data = Weights(kBytes, dtype);
+  TensorOptions opts;
+  opts.codec = mode == 0 ? Codec::kRaw : Codec::kZstd;
+  opts.shuffle = mode == 2;
+  std::string path = TempPath("load.apbundle");
+  {
+    BundleBuilder b;
+    b.AddModel("m").AddTensor("w", dtype, {kBytes / 2}, data, opts);
+    if (!b.Build(path).ok()) {
+      state.SkipWithError("build failed");
+      return;
+    }
+  }
+  auto reader = BundleReader::Open(path);
+  if (!reader.ok()) {
+    state.SkipWithError(reader.status().message());
+    return;
+  }
+  const TensorInfo& t = (*reader)->info().models[0].tensors[0];
+  const auto& impl = (*reader)->impl();
+  // The stored frames, in memory, for the limit loop.
+  std::vector<std::vector<std::byte>> stored(t.frame_count);
+  for (uint64_t i = 0; i < t.frame_count; i++) {
+    const auto& r = impl.frames[t.first_frame + i];
+    stored[i].resize(r.stored_length);
+    pread(impl.fd.get(), stored[i].data(), r.stored_length, static_cast<off_t>(r.offset));
+  }
+  std::vector<std::byte> out(kBytes), limit_out(kBytes), scratch(kBytes);
+  memset(out.data(), 1, out.size());
+  memset(limit_out.data(), 1, limit_out.size());
+  internal::ThreadPool pool;
+  internal::FrameCodec codec = BundleReader::Impl::CodecOf(t);
+  double load_s = 0, limit_s = 0;
+  for (auto _ : state) {
+    auto t0 = Clock::now();
+    Status s = (*reader)->ReadTensor(t, out);
+    auto t1 = Clock::now();
+    if (!s.ok()) state.SkipWithError(s.message());
+    pool.ParallelFor(t.frame_count, [&](size_t i) {
+      const auto& r = impl.frames[t.first_frame + i];
+      std::byte* dst = limit_out.data() + i * t.page_size;
+      if (codec.codec == Codec::kRaw || (r.flags & internal::kFrameStoredRaw)) {
+        memcpy(dst, stored[i].data(), r.raw_length);
+      } else if (codec.shuffle) {
+        ZSTD_decompress(scratch.data() + i * t.page_size, r.raw_length, stored[i].data(), r.stored_length);
+        internal::Unshuffle(scratch.data() + i * t.page_size, dst, r.raw_length, codec.elem_size);
+      } else {
+        ZSTD_decompress(dst, r.raw_length, stored[i].data(), r.stored_length);
+      }
+    });
+    auto t2 = Clock::now();
+    load_s += Seconds(t0, t1);
+    limit_s += Seconds(t1, t2);
+    state.SetIterationTime(Seconds(t0, t1));
+  }
+  if (out != data || limit_out != data) state.SkipWithError("data differs");
+  unlink(path.c_str());
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * kBytes));
+  state.counters["limit_MBps"] = static_cast<double>(state.iterations() * kBytes) / limit_s / 1e6;
+  state.counters["ratio_vs_limit"] = limit_s / load_s;
+  state.counters["threads"] = pool.size();
+}
+BENCHMARK(BM_FullLoad)->Arg(0)->Arg(1)->Arg(2)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+
+}  // namespace
+
+BENCHMARK_MAIN();
