@@ -86,7 +86,7 @@ Status DecodeFrame(const FrameCodec& c, const FrameRecord& rec, std::span<const 
                    std::span<std::byte> out, std::byte* scratch) noexcept {
   if (stored.size() != rec.stored_length || out.size() != rec.raw_length)
     return Status::Error(EINVAL, "frame buffer sizes do not match the frame record");
-  if (Checksum64(stored.data(), stored.size()) != rec.checksum)
+  if (!ChecksumMatches(rec.checksum, stored.data(), stored.size()))
     return Status::Error(EBADMSG, "checksum does not match");
   if (c.codec == Codec::kRaw || (rec.flags & kFrameStoredRaw)) {
     if (rec.stored_length != rec.raw_length)

@@ -36,7 +36,7 @@ Status DecodeHeader(std::span<const std::byte> in, Header* h) noexcept {
   if (h->version != kBundleFormatVersion)
     return Status::Error(ENOTSUP, "unsupported format version %u (this build reads version %u)",
                          h->version, kBundleFormatVersion);
-  if (LoadLE64(p + kHeaderChecksummed) != Checksum64(p, kHeaderChecksummed))
+  if (!ChecksumMatches(LoadLE64(p + kHeaderChecksummed), p, kHeaderChecksummed))
     return Status::Error(EBADMSG, "header checksum does not match");
   h->header_size = LoadLE32(p + 12);
   h->flags = LoadLE64(p + 16);

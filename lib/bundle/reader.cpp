@@ -187,7 +187,7 @@ Status BundleReader::Impl::ReadRawRange(const TensorInfo& obj, uint64_t first, u
                                      static_cast<unsigned long long>(first + count - 1));
   for (uint64_t i = 0; i < count; i++) {
     const FrameRecord& r = frames[obj.first_frame + first + i];
-    if (Checksum64(out + i * obj.page_size, r.raw_length) != r.checksum)
+    if (!ChecksumMatches(r.checksum, out + i * obj.page_size, r.raw_length))
       return Status::Error(EBADMSG, "%s frame %llu: checksum does not match", label,
                            static_cast<unsigned long long>(first + i));
   }
@@ -254,7 +254,7 @@ Result<std::unique_ptr<BundleReader>> BundleReader::OpenFd(int fd, const ReaderO
 
   std::vector<std::byte> table(h.frame_count * kFrameRecordSize);
   FL_RETURN_IF_ERROR(PreadFull(dup_fd, table.data(), table.size(), h.frame_table_offset, "frame table"));
-  if (Checksum64(table.data(), table.size()) != h.frame_table_checksum)
+  if (!ChecksumMatches(h.frame_table_checksum, table.data(), table.size()))
     return Status::Error(EBADMSG, "frame table checksum does not match");
   impl->frames.resize(h.frame_count);
   for (uint64_t i = 0; i < h.frame_count; i++)
@@ -263,7 +263,7 @@ Result<std::unique_ptr<BundleReader>> BundleReader::OpenFd(int fd, const ReaderO
 
   std::string manifest(h.manifest_length, '\0');
   FL_RETURN_IF_ERROR(PreadFull(dup_fd, manifest.data(), manifest.size(), h.manifest_offset, "manifest"));
-  if (Checksum64(manifest.data(), manifest.size()) != h.manifest_checksum)
+  if (!ChecksumMatches(h.manifest_checksum, manifest.data(), manifest.size()))
     return Status::Error(EBADMSG, "manifest checksum does not match");
   BundleInfo& info = impl->info;
   FL_RETURN_IF_ERROR(ManifestFromJson(manifest, impl->frames, &info));
