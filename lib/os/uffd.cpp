@@ -1,0 +1,146 @@
+// Uffd; see uffd.h. The ABI constants below are the kernel's (include/uapi/
+// linux/userfaultfd.h) for the features newer than Debian 12's headers.
+#include "os/uffd.h"
+
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+#ifndef UFFD_FEATURE_POISON
+#define UFFD_FEATURE_POISON (1 << 14)
+#endif
+#ifndef UFFD_FEATURE_MOVE
+#define UFFD_FEATURE_MOVE (1 << 16)
+#endif
+#ifndef UFFDIO_MOVE
+struct uffdio_move {
+  __u64 dst;
+  __u64 src;
+  __u64 len;
+  __u64 mode;
+  __s64 move;
+};
+#define _UFFDIO_MOVE (0x05)
+#define UFFDIO_MOVE _IOWR(UFFDIO, _UFFDIO_MOVE, struct uffdio_move)
+#define UFFDIO_MOVE_MODE_DONTWAKE ((__u64)1 << 0)
+#endif
+#ifndef UFFDIO_POISON
+struct uffdio_poison {
+  struct uffdio_range range;
+  __u64 mode;
+  __s64 updated;
+};
+#define _UFFDIO_POISON (0x08)
+#define UFFDIO_POISON _IOWR(UFFDIO, _UFFDIO_POISON, struct uffdio_poison)
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
+
+namespace faultline::internal {
+
+Result<Uffd> Uffd::Open() {
+  int flags = O_CLOEXEC | O_NONBLOCK;
+  int fd = static_cast<int>(syscall(SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY));
+  if (fd < 0 && (errno == EINVAL || errno == EPERM)) {
+    // Kernels before 5.11 lack UFFD_USER_MODE_ONLY; some systems allow
+    // userfaultfd only through the device node.
+    fd = static_cast<int>(syscall(SYS_userfaultfd, flags));
+    if (fd < 0) {
+      int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+      if (dev >= 0) {
+        fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+        close(dev);
+      }
+    }
+  }
+  if (fd < 0) return Status::Error(errno ? errno : EPERM, "userfaultfd is not available");
+  Uffd u;
+  u.fd_.reset(fd);
+  // Ask for the optional features one set at a time: the handshake fails
+  // as a whole if any asked-for feature is unknown.
+  const uint64_t wanted[] = {UFFD_FEATURE_MOVE | UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID,
+                             UFFD_FEATURE_POISON | UFFD_FEATURE_THREAD_ID, UFFD_FEATURE_THREAD_ID, 0};
+  for (uint64_t features : wanted) {
+    uffdio_api api = {};
+    api.api = UFFD_API;
+    api.features = features;
+    if (ioctl(fd, UFFDIO_API, &api) == 0) {
+      u.features_.move = (api.features & UFFD_FEATURE_MOVE) != 0;
+      u.features_.poison = (api.features & UFFD_FEATURE_POISON) != 0;
+      u.features_.thread_id = (api.features & UFFD_FEATURE_THREAD_ID) != 0;
+      return u;
+    }
+    // A failed handshake leaves the fd unusable: open a fresh one.
+    int nfd = static_cast<int>(syscall(SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY));
+    if (nfd < 0) nfd = static_cast<int>(syscall(SYS_userfaultfd, flags));
+    if (nfd < 0) return Status::Error(errno, "userfaultfd handshake failed");
+    u.fd_.reset(nfd);
+    fd = nfd;
+  }
+  return Status::Error(EINVAL, "userfaultfd API handshake failed");
+}
+
+Status Uffd::RegisterMissing(void* addr, size_t len) {
+  uffdio_register reg = {};
+  reg.range.start = reinterpret_cast<uintptr_t>(addr);
+  reg.range.len = len;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+  if (ioctl(fd(), UFFDIO_REGISTER, &reg) != 0)
+    return Status::Error(errno, "cannot register %zu bytes with userfaultfd", len);
+  return Status::Ok();
+}
+
+Status Uffd::Unregister(void* addr, size_t len) {
+  uffdio_range r = {reinterpret_cast<uintptr_t>(addr), len};
+  if (ioctl(fd(), UFFDIO_UNREGISTER, &r) != 0) return Status::Error(errno, "userfaultfd unregister");
+  return Status::Ok();
+}
+
+int Uffd::Copy(void* dst, const void* src, size_t len, bool wake) noexcept {
+  uffdio_copy c = {};
+  c.dst = reinterpret_cast<uintptr_t>(dst);
+  c.src = reinterpret_cast<uintptr_t>(src);
+  c.len = len;
+  c.mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE;
+  if (ioctl(fd(), UFFDIO_COPY, &c) == 0) return 0;
+  return -errno;
+}
+
+int Uffd::Move(void* dst, void* src, size_t len, bool wake) noexcept {
+  uffdio_move m = {};
+  m.dst = reinterpret_cast<uintptr_t>(dst);
+  m.src = reinterpret_cast<uintptr_t>(src);
+  m.len = len;
+  m.mode = wake ? 0 : UFFDIO_MOVE_MODE_DONTWAKE;
+  if (ioctl(fd(), UFFDIO_MOVE, &m) == 0) return 0;
+  return -errno;
+}
+
+int Uffd::Poison(void* addr, size_t len) noexcept {
+  uffdio_poison p = {};
+  p.range.start = reinterpret_cast<uintptr_t>(addr);
+  p.range.len = len;
+  if (ioctl(fd(), UFFDIO_POISON, &p) == 0) return 0;
+  return -errno;
+}
+
+int Uffd::Wake(void* addr, size_t len) noexcept {
+  uffdio_range r = {reinterpret_cast<uintptr_t>(addr), len};
+  if (ioctl(fd(), UFFDIO_WAKE, &r) == 0) return 0;
+  return -errno;
+}
+
+bool UffdAvailable() noexcept {
+  static const bool available = Uffd::Open().ok();
+  return available;
+}
+
+}  // namespace faultline::internal

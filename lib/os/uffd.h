@@ -1,0 +1,50 @@
+// userfaultfd: opening (UFFD_USER_MODE_ONLY first, /dev/userfaultfd second),
+// feature probing, registration and the resolving ioctls. Debian's kernel
+// headers predate UFFDIO_MOVE and UFFDIO_POISON, so their ABI constants are
+// defined here and the features are probed at run time.
+// Thread-safety: the ioctls may be issued from any thread.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "faultline/status.hpp"
+#include "io/file.h"
+
+namespace faultline::internal {
+
+struct UffdFeatures {
+  bool move = false;       // UFFDIO_MOVE (kernel >= 6.8)
+  bool poison = false;     // UFFDIO_POISON (kernel >= 6.6)
+  bool thread_id = false;  // faulting thread id in messages
+};
+
+class Uffd {
+ public:
+  // Opens a non-blocking, close-on-exec userfaultfd with the API handshake.
+  // EPERM/ENOSYS when the system does not allow userfaultfd.
+  static Result<Uffd> Open();
+  Uffd(Uffd&&) noexcept = default;
+  Uffd& operator=(Uffd&&) noexcept = default;
+
+  int fd() const noexcept { return fd_.get(); }
+  const UffdFeatures& features() const noexcept { return features_; }
+
+  Status RegisterMissing(void* addr, size_t len);
+  Status Unregister(void* addr, size_t len);
+  // Each returns 0, or -errno (EEXIST: already present; EAGAIN: retry). fault path
+  int Copy(void* dst, const void* src, size_t len, bool wake = true) noexcept;
+  int Move(void* dst, void* src, size_t len, bool wake = true) noexcept;
+  int Poison(void* addr, size_t len) noexcept;
+  int Wake(void* addr, size_t len) noexcept;
+
+ private:
+  Uffd() = default;
+  UniqueFd fd_;
+  UffdFeatures features_;
+};
+
+// Whether userfaultfd can be opened here (probed once).
+bool UffdAvailable() noexcept;
+
+}  // namespace faultline::internal

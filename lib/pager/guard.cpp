@@ -1,0 +1,100 @@
+// Guard-page mode's SIGSEGV handler. Engines in guard mode register here; a
+// fault inside a registered range is served by asking the engine's workers
+// and waiting on the frame's futex (both async-signal-safe: write(2) and
+// futex(2)); any other fault goes to the previous handler. The registry is a
+// fixed array of atomic pointers: the handler never locks or allocates.
+#include <signal.h>
+#include <sys/ucontext.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <mutex>
+
+#include "pager/pager.h"
+
+namespace faultline::internal {
+
+namespace {
+
+constexpr int kMaxEngines = 64;
+std::atomic<Engine*> g_engines[kMaxEngines];
+std::atomic<pid_t> g_owner{0};
+std::mutex g_mu;
+int g_users = 0;
+struct sigaction g_previous;
+
+bool IsWrite(void* uctx) {
+#if defined(__x86_64__)
+  auto* uc = static_cast<ucontext_t*>(uctx);
+  return (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+#else
+  (void)uctx;
+  return false;
+#endif
+}
+
+void Chain(int sig, siginfo_t* info, void* uctx) {
+  if (g_previous.sa_flags & SA_SIGINFO) {
+    if (g_previous.sa_sigaction) return g_previous.sa_sigaction(sig, info, uctx);
+  } else if (g_previous.sa_handler != SIG_DFL && g_previous.sa_handler != SIG_IGN) {
+    return g_previous.sa_handler(sig);
+  }
+  // Default action: restore it and return; the access faults again and kills.
+  signal(sig, SIG_DFL);
+}
+
+void Handler(int sig, siginfo_t* info, void* uctx) {
+  int saved = errno;
+  // Tensors are read-only: a write is a bug in the caller, not a page to load.
+  if (getpid() == g_owner.load(std::memory_order_relaxed) && !IsWrite(uctx)) {
+    for (auto& slot : g_engines) {
+      Engine* e = slot.load(std::memory_order_acquire);
+      if (e && e->Owns(info->si_addr)) {
+        e->GuardFault(info->si_addr);
+        errno = saved;
+        return;
+      }
+    }
+  }
+  errno = saved;
+  Chain(sig, info, uctx);
+}
+
+}  // namespace
+
+Status GuardRegister(Engine* e) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  int free_slot = -1;
+  for (int i = 0; i < kMaxEngines; i++)
+    if (!g_engines[i].load()) {
+      free_slot = i;
+      break;
+    }
+  if (free_slot < 0) return Status::Error(EMFILE, "more than %d bundles open in guard mode", kMaxEngines);
+  if (g_users++ == 0) {
+    struct sigaction sa = {};
+    sa.sa_sigaction = Handler;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGSEGV, &sa, &g_previous) != 0) {
+      g_users--;
+      return Status::Error(errno, "cannot install the SIGSEGV handler");
+    }
+  }
+  g_owner.store(getpid());
+  g_engines[free_slot].store(e, std::memory_order_release);
+  return Status::Ok();
+}
+
+void GuardUnregister(Engine* e) {
+  std::lock_guard<std::mutex> lock(g_mu);
+  bool found = false;
+  for (auto& slot : g_engines)
+    if (slot.load() == e) {
+      slot.store(nullptr, std::memory_order_release);
+      found = true;
+    }
+  if (found && --g_users == 0) sigaction(SIGSEGV, &g_previous, nullptr);
+}
+
+}  // namespace faultline::internal

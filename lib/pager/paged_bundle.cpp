@@ -1,0 +1,181 @@
+// PagedBundle, its views and configuration: the public face of the engine.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+#include "core/status_macros.h"
+#include "faultline/paging.hpp"
+#include "faultline/size.hpp"
+#include "pager/options.h"
+#include "pager/pager.h"
+
+namespace faultline {
+
+using namespace internal;
+
+const char* PagingModeName(PagingMode m) noexcept {
+  switch (m) {
+    case PagingMode::kUffd: return "uffd";
+    case PagingMode::kGuard: return "guard";
+    case PagingMode::kMmap: return "mmap";
+    default: return "auto";
+  }
+}
+
+const char* EvictionPolicyName(EvictionPolicy p) noexcept {
+  switch (p) {
+    case EvictionPolicy::kLfu: return "lfu";
+    case EvictionPolicy::kPlan: return "plan";
+    default: return "lru";
+  }
+}
+
+PagingConfig PagingConfig::FromEnvironment() {
+  PagingConfig c;
+  if (const char* v = OptionValue(OptionId::kBudget)) {
+    uint64_t b;
+    if (ParseSize(v, &b) && b > 0) c.max_resident = b;
+    else WarnBadOption(OptionId::kBudget, v, "a size such as 512M");
+  }
+  if (const char* v = OptionValue(OptionId::kPolicy)) {
+    if (!strcmp(v, "lru")) c.policy = EvictionPolicy::kLru;
+    else if (!strcmp(v, "lfu")) c.policy = EvictionPolicy::kLfu;
+    else if (!strcmp(v, "plan")) c.policy = EvictionPolicy::kPlan;
+    else WarnBadOption(OptionId::kPolicy, v, "lru, lfu or plan");
+  }
+  if (const char* v = OptionValue(OptionId::kMode)) {
+    if (!strcmp(v, "auto")) c.mode = PagingMode::kAuto;
+    else if (!strcmp(v, "uffd")) c.mode = PagingMode::kUffd;
+    else if (!strcmp(v, "guard")) c.mode = PagingMode::kGuard;
+    else if (!strcmp(v, "mmap")) c.mode = PagingMode::kMmap;
+    else WarnBadOption(OptionId::kMode, v, "auto, uffd, guard or mmap");
+  }
+  auto number = [](OptionId id, unsigned max, unsigned* out) {
+    if (const char* v = OptionValue(id)) {
+      char* end = nullptr;
+      unsigned long n = strtoul(v, &end, 10);
+      if (*v >= '0' && *v <= '9' && *end == '\0' && n <= max) *out = static_cast<unsigned>(n);
+      else WarnBadOption(id, v, "an integer in range");
+    }
+  };
+  number(OptionId::kPrefetch, 4096, &c.prefetch_depth);
+  number(OptionId::kWorkers, 64, &c.workers);
+  return c;
+}
+
+std::string PagingStats::ToString() const {
+  std::ostringstream o;
+  o << "faultline paging stats:\n"
+    << "  faults " << faults << " (waited on a load in flight: " << fault_waits << ")\n"
+    << "  loads " << loads << " (prefetched before any touch: " << prefetched << "), evictions "
+    << evictions << ", errors " << errors << "\n"
+    << "  read " << FormatSize(bytes_read) << ", decompressed " << FormatSize(bytes_decompressed) << "\n"
+    << "  resident " << FormatSize(resident_bytes) << ", peak " << FormatSize(peak_resident_bytes)
+    << ", budget " << FormatSize(budget_bytes) << "\n";
+  char buf[160];
+  snprintf(buf, sizeof(buf), "  fault latency p50 %.0f us, p90 %.0f us, p99 %.0f us, max %.0f us\n",
+           fault_latency.p50_us, fault_latency.p90_us, fault_latency.p99_us, fault_latency.max_us);
+  o << buf;
+  for (const auto& t : tensors)
+    if (t.faults || t.loads)
+      o << "  " << t.model << "/" << t.tensor << ": faults " << t.faults << ", loads " << t.loads
+        << ", prefetched " << t.prefetched << ", evictions " << t.evictions << "\n";
+  return o.str();
+}
+
+struct PagedBundle::Impl {
+  std::unique_ptr<Engine> engine;
+};
+
+Result<std::unique_ptr<PagedBundle>> PagedBundle::Open(const std::string& path, const PagingConfig& config) {
+  FL_ASSIGN_OR_RETURN(auto reader, BundleReader::Open(path));
+  std::unique_ptr<PagedBundle> b(new PagedBundle());
+  b->impl_ = std::make_unique<Impl>();
+  b->impl_->engine = std::make_unique<Engine>(std::move(reader), config);
+  Status s = b->impl_->engine->Start();
+  if (!s.ok()) return s.WithPrefix("%s: %s mode", path.c_str(), PagingModeName(config.mode));
+  if (OptionFlag(OptionId::kVerbose))
+    fprintf(stderr, "faultline: %s paged in %s mode, budget %s\n", path.c_str(),
+            PagingModeName(b->impl_->engine->mode()), FormatSize(b->impl_->engine->Stats().budget_bytes).c_str());
+  return b;
+}
+
+PagedBundle::~PagedBundle() {
+  if (impl_ && impl_->engine && OptionFlag(OptionId::kShowStats))
+    fputs(impl_->engine->Stats().ToString().c_str(), stderr);
+}
+
+Result<std::unique_ptr<PagedBundle>> LoadPaged(const std::string& path, uint64_t max_resident) {
+  PagingConfig c = PagingConfig::FromEnvironment();
+  c.max_resident = max_resident;
+  return PagedBundle::Open(path, c);
+}
+
+const BundleInfo& PagedBundle::info() const noexcept { return impl_->engine->info(); }
+PagingMode PagedBundle::mode() const noexcept { return impl_->engine->mode(); }
+
+Result<ModelView> PagedBundle::model(std::string_view name) const {
+  const ModelInfo* m = info().FindModel(name);
+  if (!m) return Status::Error(ENOENT, "no model '%.*s' in the bundle", static_cast<int>(std::min<size_t>(name.size(), 64)), name.data());
+  ModelView v;
+  v.bundle_ = this;
+  v.info_ = m;
+  v.first_id_ = impl_->engine->FirstTensorOf(m);
+  return v;
+}
+
+ModelView PagedBundle::model() const {
+  ModelView v;
+  v.bundle_ = this;
+  v.info_ = &info().models.at(0);
+  v.first_id_ = 0;
+  return v;
+}
+
+class TensorViewFactory {
+ public:
+  static TensorView Make(const Engine& e, const TensorInfo* t, uint32_t id) {
+    TensorView v;
+    v.data_ = e.TensorBase(id);
+    v.info_ = t;
+    v.id_ = id;
+    return v;
+  }
+};
+
+Result<TensorView> ModelView::tensor(std::string_view name) const {
+  for (size_t i = 0; i < info_->tensors.size(); i++)
+    if (info_->tensors[i].name == name)
+      return TensorViewFactory::Make(*bundle_->impl_->engine, &info_->tensors[i], first_id_ + static_cast<uint32_t>(i));
+  return Status::Error(ENOENT, "model '%.64s' has no tensor '%.*s'", info_->name.c_str(),
+                       static_cast<int>(std::min<size_t>(name.size(), 64)), name.data());
+}
+
+std::vector<TensorView> ModelView::layer(std::string_view prefix) const {
+  std::vector<TensorView> out;
+  for (size_t i = 0; i < info_->tensors.size(); i++)
+    if (std::string_view(info_->tensors[i].name).substr(0, prefix.size()) == prefix)
+      out.push_back(TensorViewFactory::Make(*bundle_->impl_->engine, &info_->tensors[i], first_id_ + static_cast<uint32_t>(i)));
+  return out;
+}
+
+std::vector<TensorView> ModelView::tensors() const { return layer(""); }
+
+void PagedBundle::Prefetch(const TensorView& t, uint64_t offset, uint64_t length) {
+  impl_->engine->Prefetch(t.id(), offset, length);
+}
+void PagedBundle::DontNeed(const TensorView& t) { impl_->engine->DontNeed(t.id()); }
+Status PagedBundle::Pin(const TensorView& t) { return impl_->engine->Pin(t.id()); }
+void PagedBundle::Unpin(const TensorView& t) { impl_->engine->Unpin(t.id()); }
+void PagedBundle::SetPlan(const std::vector<TensorView>& order) {
+  std::vector<uint32_t> ids;
+  for (const auto& t : order) ids.push_back(t.id());
+  impl_->engine->SetPlan(ids);
+}
+void PagedBundle::StartRecordingPlan() { impl_->engine->StartRecording(); }
+void PagedBundle::StopRecordingPlan() { impl_->engine->StopRecording(); }
+void PagedBundle::Advance(const TensorView& t) { impl_->engine->Advance(t.id()); }
+PagingStats PagedBundle::stats() const { return impl_->engine->Stats(); }
+
+}  // namespace faultline

@@ -1,0 +1,780 @@
+// The paging engine; see pager.h for the design and locking rules.
+#include "pager/pager.h"
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "bundle/codec.h"
+#include "core/status_macros.h"
+#include "io/uring.h"
+
+namespace faultline::internal {
+
+namespace {
+
+constexpr unsigned kBatch = 8;          // frames one worker loads at once
+constexpr size_t kMaxPrefetchQueue = 8192;
+
+uint64_t NowNs() {
+  return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::steady_clock::now().time_since_epoch())
+                                   .count());
+}
+
+void FutexWakeAll(std::atomic<uint32_t>* word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, long timeout_ns) {
+  timespec ts = {0, timeout_ns};
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, &ts, nullptr, 0);
+}
+
+}  // namespace
+
+struct Engine::Worker {
+  std::thread thread;
+  std::vector<std::byte> stored;   // kBatch stored frames
+  std::vector<std::byte> staging;  // kBatch decoded frames (COPY path)
+  std::vector<std::byte> shuffle;  // one frame
+  std::vector<ReadOp> ops;
+  std::vector<Load> loads;
+  size_t bound = 0;
+};
+
+Engine::Engine(std::unique_ptr<BundleReader> reader, const PagingConfig& config)
+    : reader_(std::move(reader)), bundle_(reader_->impl()), config_(config) {}
+
+uint32_t Engine::FirstTensorOf(const ModelInfo* m) const {
+  for (uint32_t i = 0; i < tensors_.size(); i++)
+    if (tensors_[i].model == m) return i;
+  return static_cast<uint32_t>(tensors_.size());
+}
+
+Status Engine::Start() {
+  const BundleInfo& info = reader_->info();
+  // Lay the tensors out, each at a multiple of its page size.
+  size_t count = 0;
+  for (const auto& m : info.models) count += m.tensors.size();
+  tensors_ = std::vector<TensorSlot>(count);
+  uint64_t cur = 0;
+  size_t i = 0;
+  for (const auto& m : info.models)
+    for (const auto& t : m.tensors) {
+      TensorSlot& s = tensors_[i++];
+      s.info = &t;
+      s.model = &m;
+      s.page = t.page_size;
+      s.offset = AlignUp(cur, t.page_size);
+      s.frames = t.frame_count;
+      s.first_frame = frame_count_;
+      frame_count_ += t.frame_count;
+      cur = s.offset + t.frame_count * t.page_size;
+      if (max_page_ != 0 && max_page_ != t.page_size && t.frame_count) uniform_pages_ = false;
+      if (t.frame_count) max_page_ = std::max(max_page_, t.page_size);
+    }
+  if (max_page_ == 0) max_page_ = kMinPageSize;
+  reserve_len_ = std::max<uint64_t>(AlignUp(cur, kAlign), kAlign);
+  frames_ = std::make_unique<Frame[]>(frame_count_);
+  for (uint32_t t = 0; t < tensors_.size(); t++)
+    for (uint64_t k = 0; k < tensors_[t].frames; k++) {
+      frames_[tensors_[t].first_frame + k].tensor = t;
+      frames_[tensors_[t].first_frame + k].index = static_cast<uint32_t>(k);
+    }
+
+  unsigned workers = config_.workers ? config_.workers : ThreadPool::DefaultThreads();
+  workers = std::min(workers, 64u);
+  // At least two frames per worker, so that loads in flight and a thread's
+  // access that straddles two frames always fit.
+  budget_ = std::max<uint64_t>(config_.max_resident, 2ull * max_page_ * workers);
+
+  // Reserve the address range, aligned to the largest page size.
+  reserve_map_len_ = reserve_len_ + max_page_;
+  void* r = mmap(nullptr, reserve_map_len_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (r == MAP_FAILED) return Status::Error(errno, "cannot reserve %llu bytes of address space",
+                                            static_cast<unsigned long long>(reserve_map_len_));
+  reserve_ = static_cast<std::byte*>(r);
+  view_ = reinterpret_cast<std::byte*>(AlignUp(reinterpret_cast<uintptr_t>(reserve_), max_page_));
+  for (auto& t : tensors_) t.base = view_ + t.offset;
+
+  PagingMode want = config_.mode;
+  if (want == PagingMode::kAuto) want = UffdAvailable() ? PagingMode::kUffd : PagingMode::kGuard;
+  mode_ = want;
+  switch (mode_) {
+    case PagingMode::kUffd: FL_RETURN_IF_ERROR(SetUpUffd()); break;
+    case PagingMode::kGuard: FL_RETURN_IF_ERROR(SetUpGuard()); break;
+    case PagingMode::kMmap: return SetUpMmap();
+    default: return Status::Error(EINVAL, "unknown paging mode");
+  }
+
+  int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (efd < 0) return Status::Error(errno, "eventfd");
+  wake_fd_.reset(efd);
+  for (unsigned k = 0; k < workers; k++) {
+    auto w = std::make_unique<Worker>();
+    w->bound = MaxStoredLength(Codec::kZstd, max_page_);
+    w->stored.resize(kBatch * w->bound);
+    if (mode_ == PagingMode::kUffd) w->staging.resize(kBatch * static_cast<size_t>(max_page_));
+    w->shuffle.resize(max_page_);
+    w->loads.reserve(kBatch);
+    w->ops.reserve(kBatch);
+    workers_.push_back(std::move(w));
+  }
+  for (auto& w : workers_) {
+    Worker* wp = w.get();
+    try {
+      w->thread = std::thread([this, wp] { WorkerLoop(wp); });
+    } catch (const std::system_error& e) {
+      return Status::Error(EAGAIN, "cannot start a paging worker: %s", e.what());
+    }
+  }
+  return Status::Ok();
+}
+
+Status Engine::SetUpUffd() {
+  // The application's view: private anonymous memory, missing-page faults.
+  void* m = mmap(view_, reserve_len_, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  if (m == MAP_FAILED) return Status::Error(errno, "cannot map the tensor range");
+  // A forked child has no service threads: give it no mapping rather than
+  // zero-filled pages.
+  madvise(view_, reserve_len_, MADV_DONTFORK);
+  auto u = Uffd::Open();
+  if (!u.ok()) return u.status();
+  uffd_.emplace(std::move(u).value());
+  FL_RETURN_IF_ERROR(uffd_->RegisterMissing(view_, reserve_len_));
+  // UFFDIO_MOVE cycles physical pages between a small staging pool and the
+  // regions; the pool must be registered with the same userfaultfd to take
+  // evicted pages back. Only for bundles with one page size.
+  if (uffd_->features().move && uniform_pages_) {
+    unsigned workers = config_.workers ? config_.workers : ThreadPool::DefaultThreads();
+    pool_slots_ = 2ull * kBatch * std::min(workers, 64u) + 8;
+    void* p = mmap(nullptr, pool_slots_ * max_page_, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p != MAP_FAILED) {
+      pool_ = static_cast<std::byte*>(p);
+      madvise(pool_, pool_slots_ * max_page_, MADV_DONTFORK);
+      if (uffd_->RegisterMissing(pool_, pool_slots_ * max_page_).ok()) {
+        use_move_ = true;
+        for (uint64_t s = 0; s < pool_slots_; s++) holes_.push_back(static_cast<int32_t>(s));
+      } else {
+        munmap(pool_, pool_slots_ * max_page_);
+        pool_ = nullptr;
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+Status Engine::SetUpGuard() {
+  int fd = memfd_create("faultline-guard", MFD_CLOEXEC);
+  if (fd < 0) return Status::Error(errno, "memfd_create");
+  memfd_.reset(fd);
+  if (ftruncate(fd, static_cast<off_t>(reserve_len_)) != 0) return Status::Error(errno, "ftruncate memfd");
+  void* v = mmap(view_, reserve_len_, PROT_NONE, MAP_SHARED | MAP_FIXED, fd, 0);
+  if (v == MAP_FAILED) return Status::Error(errno, "cannot map the tensor range");
+  madvise(view_, reserve_len_, MADV_DONTFORK);
+  void* w = mmap(nullptr, reserve_len_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (w == MAP_FAILED) return Status::Error(errno, "cannot map the service alias");
+  work_ = static_cast<std::byte*>(w);
+  madvise(work_, reserve_len_, MADV_DONTFORK);
+  int p[2];
+  if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) return Status::Error(errno, "pipe2");
+  req_read_.reset(p[0]);
+  req_write_.reset(p[1]);
+  return GuardRegister(this);
+}
+
+Status Engine::SetUpMmap() {
+  for (const auto& t : tensors_)
+    if (t.info->codec != Codec::kRaw)
+      return Status::Error(EINVAL, "mmap mode needs a raw bundle; tensor '%.64s' is %s",
+                           t.info->name.c_str(), CodecName(t.info->codec));
+  for (const auto& t : tensors_) {
+    uint64_t k = 0;
+    while (k < t.frames) {
+      // One mapping per run of frames that lie back to back in the file.
+      const FrameRecord& first = bundle_.frames[t.info->first_frame + k];
+      uint64_t n = 1;
+      while (k + n < t.frames && bundle_.frames[t.info->first_frame + k + n].offset ==
+                                     first.offset + n * static_cast<uint64_t>(t.page))
+        n++;
+      const FrameRecord& last = bundle_.frames[t.info->first_frame + k + n - 1];
+      uint64_t len = (n - 1) * static_cast<uint64_t>(t.page) + AlignUp(last.stored_length, kAlign);
+      void* m = mmap(t.base + k * t.page, len, PROT_READ, MAP_PRIVATE | MAP_FIXED, bundle_.fd.get(),
+                     static_cast<off_t>(first.offset));
+      if (m == MAP_FAILED) return Status::Error(errno, "cannot map tensor '%.64s'", t.info->name.c_str());
+      k += n;
+    }
+  }
+  return Status::Ok();
+}
+
+Engine::~Engine() {
+  if (view_ && mode_ != PagingMode::kMmap) {
+    // New touches now fault as on unmapped memory; threads already waiting
+    // are served by the workers still running.
+    mprotect(view_, reserve_len_, PROT_NONE);
+  }
+  if (mode_ == PagingMode::kGuard) GuardUnregister(this);
+  stopping_.store(true);
+  if (wake_fd_.valid()) {
+    uint64_t one = 1;
+    (void)!write(wake_fd_.get(), &one, sizeof(one));
+  }
+  for (auto& w : workers_)
+    if (w->thread.joinable()) w->thread.join();
+  if (frames_)
+    for (uint64_t f = 0; f < frame_count_; f++) {
+      frames_[f].state.store(kClosed);
+      if (mode_ == PagingMode::kGuard) FutexWakeAll(&frames_[f].state);
+    }
+  if (uffd_ && view_) {
+    (void)uffd_->Unregister(view_, reserve_len_);
+    if (pool_) (void)uffd_->Unregister(pool_, pool_slots_ * max_page_);
+  }
+  if (reserve_) munmap(reserve_, reserve_map_len_);
+  if (work_) munmap(work_, reserve_len_);
+  if (pool_) munmap(pool_, pool_slots_ * max_page_);
+}
+
+void Engine::Wake() {
+  uint64_t one = 1;
+  (void)!write(wake_fd_.get(), &one, sizeof(one));
+}
+
+// ---- service ----
+
+void Engine::WorkerLoop(Worker* w) {
+  pollfd fds[2] = {{mode_ == PagingMode::kUffd ? uffd_->fd() : req_read_.get(), POLLIN, 0},
+                   {wake_fd_.get(), POLLIN, 0}};
+  uffd_msg msgs[kBatch];
+  uintptr_t reqs[kBatch];
+  while (!stopping_.load(std::memory_order_acquire)) {
+    if (poll(fds, 2, -1) < 0 && errno != EINTR) break;
+    if (stopping_.load(std::memory_order_acquire)) break;
+    w->loads.clear();
+    if (mode_ == PagingMode::kUffd) {
+      ssize_t n = read(fds[0].fd, msgs, sizeof(msgs));
+      for (ssize_t k = 0; n > 0 && k < n / static_cast<ssize_t>(sizeof(uffd_msg)); k++)
+        if (msgs[k].event == UFFD_EVENT_PAGEFAULT)
+          HandleFaultAddress(w, msgs[k].arg.pagefault.address, msgs[k].arg.pagefault.feat.ptid, w->loads);
+    } else {
+      ssize_t n = read(fds[0].fd, reqs, sizeof(reqs));
+      for (ssize_t k = 0; n > 0 && k < n / static_cast<ssize_t>(sizeof(uintptr_t)); k++)
+        HandleFaultAddress(w, reqs[k], 0, w->loads);
+    }
+    if (fds[1].revents & POLLIN) {
+      uint64_t v;
+      (void)!read(wake_fd_.get(), &v, sizeof(v));
+    }
+    if (w->loads.size() < kBatch) {
+      std::unique_lock<std::mutex> lock(mu_);
+      while (w->loads.size() < kBatch && !prefetch_q_.empty()) {
+        uint64_t f = prefetch_q_.front();
+        prefetch_q_.pop_front();
+        uint32_t expected = kAbsent;
+        if (frames_[f].state.compare_exchange_strong(expected, kLoading)) {
+          lock.unlock();
+          Claim(w, f, true, w->loads);
+          lock.lock();
+        }
+      }
+      if (!prefetch_q_.empty()) Wake();  // let another worker share the queue
+    }
+    RunLoads(w, w->loads);
+  }
+}
+
+void Engine::HandleFaultAddress(Worker* w, uintptr_t addr, uint32_t ptid, std::vector<Load>& loads) {
+  auto a = reinterpret_cast<std::byte*>(addr);
+  if (a < view_ || a >= view_ + reserve_len_) {
+    // A pool address: never touched by design; unblock with zeros.
+    if (uffd_ && pool_) {
+      static const std::byte zeros[4096] = {};
+      uffd_->Copy(reinterpret_cast<void*>(addr & ~uintptr_t{4095}), zeros, 4096);
+    }
+    return;
+  }
+  uint64_t off = static_cast<uint64_t>(a - view_);
+  // The tensor holding `off`: the last one starting at or before it.
+  auto it = std::upper_bound(tensors_.begin(), tensors_.end(), off,
+                             [](uint64_t o, const TensorSlot& t) { return o < t.offset; });
+  if (it == tensors_.begin()) return;
+  TensorSlot& t = *(it - 1);
+  uint64_t k = (off - t.offset) / t.page;
+  if (k >= t.frames) {
+    // Padding between tensors: nothing to load; give it zeros so the
+    // (out-of-bounds) access does not hang.
+    if (uffd_) {
+      static const std::byte zeros[4096] = {};
+      uffd_->Copy(reinterpret_cast<void*>(addr & ~uintptr_t{4095}), zeros, 4096);
+    }
+    return;
+  }
+  uint64_t f = t.first_frame + k;
+  counters_.faults.fetch_add(1, std::memory_order_relaxed);
+  t.counters.faults.fetch_add(1, std::memory_order_relaxed);
+  for (;;) {
+    uint32_t st = frames_[f].state.load(std::memory_order_acquire);
+    switch (st) {
+      case kAbsent: {
+        if (!frames_[f].state.compare_exchange_strong(st, kLoading)) continue;
+        size_t before = loads.size();
+        Claim(w, f, false, loads);
+        if (loads.size() > before) loads.back().start_ns = NowNs();
+        return;
+      }
+      case kLoading:
+        counters_.fault_waits.fetch_add(1, std::memory_order_relaxed);
+        return;  // the install wakes every thread waiting on the frame
+      case kResident:
+        if (uffd_) uffd_->Wake(FrameAddr(f), t.page);
+        else FutexWakeAll(&frames_[f].state);
+        return;
+      case kEvicting:
+        sched_yield();
+        continue;
+      case kError:
+        if (uffd_) {
+          if (!uffd_->features().poison || uffd_->Poison(FrameAddr(f), t.page) != 0) {
+            if (ptid) syscall(SYS_tgkill, getpid(), ptid, SIGBUS);
+          }
+        } else {
+          FutexWakeAll(&frames_[f].state);
+        }
+        return;
+      default:
+        return;
+    }
+  }
+}
+
+// `f` is in kLoading, owned by the caller.
+void Engine::Claim(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!ReserveLocked(f, prefetch, lock)) {
+    frames_[f].state.store(kAbsent, std::memory_order_release);
+    return;
+  }
+  Load l{f, prefetch, -1, nullptr, 0};
+  if (mode_ == PagingMode::kUffd) {
+    if (use_move_ && !populated_.empty()) {
+      l.slot = populated_.back();
+      populated_.pop_back();
+      l.staging = pool_ + static_cast<uint64_t>(l.slot) * max_page_;
+    } else {
+      l.staging = w->staging.data() + loads.size() * static_cast<size_t>(max_page_);
+    }
+  } else {
+    l.staging = WorkAddr(f);
+  }
+  frames_[f].prefetch = prefetch;
+  if (!prefetch) {
+    TouchLocked(f);
+    ReadaheadLocked(f);
+  }
+  loads.push_back(l);
+}
+
+bool Engine::ReserveLocked(uint64_t f, bool prefetch, std::unique_lock<std::mutex>&) {
+  uint64_t p = FramePage(f);
+  while (resident_bytes_ + inflight_bytes_ + p > budget_) {
+    int64_t v = PickVictimLocked(f, prefetch);
+    if (v < 0) {
+      if (prefetch) return false;
+      break;  // demand loads proceed; the excess is bounded by the frames in flight
+    }
+    EvictLocked(static_cast<uint64_t>(v));
+  }
+  inflight_bytes_ += p;
+  return true;
+}
+
+uint64_t Engine::PlanDistanceLocked(uint64_t f) const {
+  const uint64_t n = plan_.size();
+  const Frame& fr = frames_[f];
+  const TensorSlot& t = tensors_[fr.tensor];
+  uint64_t d;
+  if (t.plan_pos < 0) {
+    d = 2 * n;  // not in the plan: evicted first
+  } else {
+    d = (static_cast<uint64_t>(t.plan_pos) + n - plan_cursor_) % n;
+    if (d == 0 && static_cast<int64_t>(fr.index) < t.last_fault) d = n;  // used again next pass
+  }
+  return (d << 32) | fr.index;
+}
+
+int64_t Engine::PickVictimLocked(uint64_t for_frame, bool prefetch) {
+  const bool plan = config_.policy == EvictionPolicy::kPlan && !plan_.empty();
+  const uint64_t need_dist = plan ? PlanDistanceLocked(for_frame) : 0;
+  const uint64_t run_start = tensors_[frames_[for_frame].tensor].run_start;
+  int64_t best = -1;
+  uint64_t best_a = 0, best_b = 0;
+  for (uint64_t v : resident_) {
+    const Frame& fr = frames_[v];
+    if (fr.pins) continue;
+    uint64_t a, b;  // smaller (a, b) is evicted first
+    if (plan) {
+      uint64_t dist = PlanDistanceLocked(v);
+      // Prefetch never evicts a frame needed before the one it brings.
+      if (prefetch && dist <= need_dist) continue;
+      a = ~dist;
+      b = fr.last_use;
+    } else {
+      if (prefetch && fr.last_use >= run_start) continue;
+      a = config_.policy == EvictionPolicy::kLfu ? fr.uses : fr.last_use;
+      b = fr.last_use;
+    }
+    if (best < 0 || a < best_a || (a == best_a && b < best_b)) {
+      best = static_cast<int64_t>(v);
+      best_a = a;
+      best_b = b;
+    }
+  }
+  return best;
+}
+
+void Engine::EvictLocked(uint64_t f) {
+  Frame& fr = frames_[f];
+  fr.state.store(kEvicting, std::memory_order_release);
+  uint64_t last = resident_.back();
+  resident_[fr.resident_pos] = last;
+  frames_[last].resident_pos = fr.resident_pos;
+  resident_.pop_back();
+  fr.resident_pos = -1;
+  const uint32_t p = FramePage(f);
+  resident_bytes_ -= p;
+  std::byte* addr = FrameAddr(f);
+  if (mode_ == PagingMode::kUffd) {
+    bool moved = false;
+    if (use_move_ && !holes_.empty() && populated_.size() < pool_slots_ / 2) {
+      int32_t slot = holes_.back();
+      if (uffd_->Move(pool_ + static_cast<uint64_t>(slot) * max_page_, addr, p, false) == 0) {
+        holes_.pop_back();
+        populated_.push_back(slot);
+        moved = true;
+      }
+    }
+    if (!moved) madvise(addr, p, MADV_DONTNEED);
+  } else {
+    mprotect(addr, p, PROT_NONE);
+    fallocate(memfd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+              static_cast<off_t>(addr - view_), p);
+  }
+  counters_.evictions.fetch_add(1, std::memory_order_relaxed);
+  tensors_[fr.tensor].counters.evictions.fetch_add(1, std::memory_order_relaxed);
+  fr.state.store(kAbsent, std::memory_order_release);
+}
+
+void Engine::MarkResidentLocked(uint64_t f) {
+  Frame& fr = frames_[f];
+  fr.resident_pos = static_cast<int64_t>(resident_.size());
+  resident_.push_back(f);
+  resident_bytes_ += FramePage(f);
+  peak_resident_ = std::max(peak_resident_, resident_bytes_);
+  if (fr.prefetch) fr.last_use = ++tick_;
+  fr.state.store(kResident, std::memory_order_release);
+}
+
+void Engine::TouchLocked(uint64_t f) {
+  Frame& fr = frames_[f];
+  fr.last_use = ++tick_;
+  fr.uses++;
+  uint32_t t = fr.tensor;
+  if (recording_ && !recorded_seen_[t]) {
+    recorded_seen_[t] = true;
+    recorded_.push_back(t);
+  }
+  int64_t pos = tensors_[t].plan_pos;
+  if (!plan_.empty() && pos >= 0 && static_cast<uint64_t>(pos) != plan_cursor_) {
+    plan_cursor_ = static_cast<uint64_t>(pos);
+    // Plan-driven prefetch: the tensors that follow, up to a quarter of the budget.
+    uint64_t ahead = 0;
+    for (uint64_t k = 1; k < plan_.size() && ahead < budget_ / 4; k++) {
+      const TensorSlot& nt = tensors_[plan_[(plan_cursor_ + k) % plan_.size()]];
+      for (uint64_t i = 0; i < nt.frames && ahead < budget_ / 4; i++) {
+        QueuePrefetchLocked(nt.first_frame + i);
+        ahead += nt.page;
+      }
+    }
+  }
+}
+
+void Engine::ReadaheadLocked(uint64_t f) {
+  if (config_.prefetch_depth == 0) return;
+  Frame& fr = frames_[f];
+  TensorSlot& t = tensors_[fr.tensor];
+  int64_t i = fr.index;
+  if (t.last_fault >= 0 && i > t.last_fault && i <= t.last_fault + 1 + static_cast<int64_t>(t.window)) {
+    t.window = std::min<uint32_t>(std::max<uint32_t>(1, t.window * 2), config_.prefetch_depth);
+  } else {
+    t.window = 0;  // random access: no readahead until a second sequential fault
+    t.run_start = tick_;
+  }
+  t.last_fault = i;
+  for (uint64_t k = 1; k <= t.window && static_cast<uint64_t>(i) + k < t.frames; k++)
+    QueuePrefetchLocked(t.first_frame + static_cast<uint64_t>(i) + k);
+}
+
+void Engine::QueuePrefetchLocked(uint64_t f) {
+  if (frames_[f].state.load(std::memory_order_relaxed) != kAbsent) return;
+  if (prefetch_q_.size() >= kMaxPrefetchQueue) return;
+  prefetch_q_.push_back(f);
+  Wake();
+}
+
+void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
+  if (loads.empty()) return;
+  w->ops.clear();
+  for (size_t k = 0; k < loads.size(); k++) {
+    const Frame& fr = frames_[loads[k].frame];
+    const TensorInfo& ti = *tensors_[fr.tensor].info;
+    const FrameRecord& rec = bundle_.frames[ti.first_frame + fr.index];
+    w->ops.push_back(ReadOp{bundle_.fd.get(), rec.offset, rec.stored_length, w->stored.data() + k * w->bound});
+  }
+  Status rs = ReadBatch(w->ops, "bundle frames");
+  for (size_t k = 0; k < loads.size(); k++) {
+    Load& l = loads[k];
+    const Frame& fr = frames_[l.frame];
+    TensorSlot& t = tensors_[fr.tensor];
+    const FrameRecord& rec = bundle_.frames[t.info->first_frame + fr.index];
+    Status s = rs;
+    if (s.ok()) {
+      s = DecodeFrame(BundleReader::Impl::CodecOf(*t.info), rec,
+                      {w->stored.data() + k * w->bound, rec.stored_length},
+                      {l.staging, rec.raw_length}, w->shuffle.data());
+      if (rec.raw_length < t.page) memset(l.staging + rec.raw_length, 0, t.page - rec.raw_length);
+    }
+    if (!s.ok()) {
+      InstallFailed(l.frame, s.WithPrefix("model '%.64s' tensor '%.64s' frame %u", t.model->name.c_str(),
+                                          t.info->name.c_str(), fr.index));
+      if (l.slot >= 0) {
+        std::lock_guard<std::mutex> lock(mu_);
+        populated_.push_back(l.slot);
+      }
+      continue;
+    }
+    counters_.bytes_read.fetch_add(rec.stored_length, std::memory_order_relaxed);
+    counters_.bytes_decompressed.fetch_add(rec.raw_length, std::memory_order_relaxed);
+    std::byte* dst = FrameAddr(l.frame);
+    bool slot_emptied = false;
+    if (mode_ == PagingMode::kUffd) {
+      int rc = -EAGAIN;
+      if (l.slot >= 0) {
+        rc = uffd_->Move(dst, l.staging, t.page);
+        slot_emptied = rc == 0;
+      }
+      for (int attempt = 0; rc != 0 && attempt < 100; attempt++) {
+        rc = uffd_->Copy(dst, l.staging, t.page);
+        if (rc == -EEXIST) rc = 0;  // already present: nothing to install
+        if (rc == -EAGAIN) sched_yield();
+        else if (rc != 0) break;
+      }
+      if (rc != 0) {
+        InstallFailed(l.frame, Status::Error(-rc, "installing tensor '%.64s' frame %u", t.info->name.c_str(), fr.index));
+        continue;
+      }
+    } else {
+      mprotect(dst, t.page, PROT_READ);
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      inflight_bytes_ -= t.page;
+      if (l.slot >= 0) (slot_emptied ? holes_ : populated_).push_back(l.slot);
+      MarkResidentLocked(l.frame);
+    }
+    loaded_cv_.notify_all();
+    if (mode_ == PagingMode::kGuard) FutexWakeAll(&frames_[l.frame].state);
+    counters_.loads.fetch_add(1, std::memory_order_relaxed);
+    t.counters.loads.fetch_add(1, std::memory_order_relaxed);
+    if (l.prefetch) {
+      counters_.prefetched.fetch_add(1, std::memory_order_relaxed);
+      t.counters.prefetched.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      latency_.Add(NowNs() - l.start_ns);
+    }
+  }
+}
+
+void Engine::InstallFailed(uint64_t f, const Status& s) {
+  counters_.errors.fetch_add(1, std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    inflight_bytes_ -= FramePage(f);
+    frames_[f].state.store(kError, std::memory_order_release);
+  }
+  loaded_cv_.notify_all();
+  if (mode_ == PagingMode::kUffd) {
+    // Poisoned pages raise SIGBUS in every thread that touches them.
+    if (!uffd_->features().poison || uffd_->Poison(FrameAddr(f), FramePage(f)) != 0)
+      uffd_->Wake(FrameAddr(f), FramePage(f));  // woken threads re-fault and get SIGBUS
+  } else {
+    FutexWakeAll(&frames_[f].state);
+  }
+  if (config_.on_error) config_.on_error(s);
+}
+
+// ---- hints ----
+
+void Engine::Prefetch(uint32_t t, uint64_t offset, uint64_t length) {
+  TensorSlot& ts = tensors_[t];
+  if (ts.frames == 0 || offset >= ts.info->size) return;
+  uint64_t end = length > ts.info->size - offset ? ts.info->size : offset + length;
+  if (mode_ == PagingMode::kMmap) {
+    madvise(ts.base + (offset & ~(kAlign - 1)), end - (offset & ~(kAlign - 1)), MADV_WILLNEED);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint64_t k = offset / ts.page; k * ts.page < end; k++) QueuePrefetchLocked(ts.first_frame + k);
+}
+
+void Engine::DontNeed(uint32_t t) {
+  TensorSlot& ts = tensors_[t];
+  if (mode_ == PagingMode::kMmap) {
+    madvise(ts.base, ts.frames * ts.page, MADV_DONTNEED);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint64_t k = 0; k < ts.frames; k++) {
+    uint64_t f = ts.first_frame + k;
+    if (frames_[f].state.load() == kResident && frames_[f].pins == 0) EvictLocked(f);
+  }
+}
+
+Status Engine::Pin(uint32_t t) {
+  TensorSlot& ts = tensors_[t];
+  if (mode_ == PagingMode::kMmap) {
+    if (ts.frames && mlock(ts.base, ts.info->size) != 0) return Status::Error(errno, "mlock");
+    return Status::Ok();
+  }
+  uint64_t bytes = ts.frames * ts.page;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (pinned_bytes_ + bytes + 2ull * max_page_ * workers_.size() > budget_)
+      return Status::Error(ENOSPC, "pinning tensor '%.64s' (%llu bytes) leaves too little budget",
+                           ts.info->name.c_str(), static_cast<unsigned long long>(bytes));
+    pinned_bytes_ += bytes;
+    for (uint64_t k = 0; k < ts.frames; k++) frames_[ts.first_frame + k].pins++;
+  }
+  // Touch every frame: the faults load them; pinned frames are never evicted.
+  volatile const std::byte* p = ts.base;
+  for (uint64_t k = 0; k < ts.frames; k++) {
+    if (frames_[ts.first_frame + k].state.load() == kError) {
+      Unpin(t);
+      return Status::Error(EIO, "tensor '%.64s' frame %llu cannot be read", ts.info->name.c_str(),
+                           static_cast<unsigned long long>(k));
+    }
+    (void)p[k * ts.page];
+  }
+  return Status::Ok();
+}
+
+void Engine::Unpin(uint32_t t) {
+  TensorSlot& ts = tensors_[t];
+  if (mode_ == PagingMode::kMmap) {
+    if (ts.frames) munlock(ts.base, ts.info->size);
+    return;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (ts.frames == 0 || frames_[ts.first_frame].pins == 0) return;
+  pinned_bytes_ -= ts.frames * ts.page;
+  for (uint64_t k = 0; k < ts.frames; k++) frames_[ts.first_frame + k].pins--;
+}
+
+void Engine::SetPlan(const std::vector<uint32_t>& order) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& t : tensors_) t.plan_pos = -1;
+  plan_.clear();
+  for (uint32_t t : order) {
+    if (t >= tensors_.size() || tensors_[t].plan_pos >= 0) continue;
+    tensors_[t].plan_pos = static_cast<int64_t>(plan_.size());
+    plan_.push_back(t);
+  }
+  plan_cursor_ = 0;
+}
+
+void Engine::StartRecording() {
+  std::lock_guard<std::mutex> lock(mu_);
+  recording_ = true;
+  recorded_.clear();
+  recorded_seen_.assign(tensors_.size(), false);
+}
+
+void Engine::StopRecording() {
+  std::vector<uint32_t> order;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    recording_ = false;
+    order.swap(recorded_);
+  }
+  SetPlan(order);
+}
+
+void Engine::Advance(uint32_t t) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (tensors_[t].frames == 0) return;
+  // As a touch of the tensor's first frame, without counting a use.
+  uint64_t f = tensors_[t].first_frame;
+  uint32_t uses = frames_[f].uses;
+  TouchLocked(f);
+  frames_[f].uses = uses;
+  for (uint64_t k = 0; k < std::min<uint64_t>(tensors_[t].frames, config_.prefetch_depth); k++)
+    QueuePrefetchLocked(f + k);
+}
+
+PagingStats Engine::Stats() const {
+  PagingStats s;
+#define FL_COPY(name) s.name = counters_.name.load(std::memory_order_relaxed);
+  FAULTLINE_PAGING_COUNTERS(FL_COPY)
+#undef FL_COPY
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    s.resident_bytes = resident_bytes_;
+    s.peak_resident_bytes = peak_resident_;
+  }
+  s.budget_bytes = budget_;
+  s.fault_latency = latency_.Summary();
+  for (const auto& t : tensors_)
+    s.tensors.push_back({t.model->name, t.info->name, t.counters.faults.load(), t.counters.loads.load(),
+                         t.counters.prefetched.load(), t.counters.evictions.load()});
+  return s;
+}
+
+// ---- guard mode: the signal handler's half ----
+
+void Engine::GuardFault(const void* addr) noexcept {
+  uint64_t off = static_cast<uint64_t>(static_cast<const std::byte*>(addr) - view_);
+  auto it = std::upper_bound(tensors_.begin(), tensors_.end(), off,
+                             [](uint64_t o, const TensorSlot& t) { return o < t.offset; });
+  if (it == tensors_.begin()) return;
+  const TensorSlot& t = *(it - 1);
+  uint64_t k = (off - t.offset) / t.page;
+  if (k >= t.frames) return;
+  std::atomic<uint32_t>& state = frames_[t.first_frame + k].state;
+  uintptr_t req = reinterpret_cast<uintptr_t>(addr);
+  for (;;) {
+    uint32_t st = state.load(std::memory_order_acquire);
+    if (st == kResident || st == kClosed) return;  // retry the access
+    if (st == kError) {
+      syscall(SYS_tgkill, getpid(), static_cast<pid_t>(syscall(SYS_gettid)), SIGBUS);
+      return;
+    }
+    if (st == kAbsent) (void)!write(req_write_.get(), &req, sizeof(req));
+    FutexWait(&state, st, 50 * 1000 * 1000);
+  }
+}
+
+}  // namespace faultline::internal

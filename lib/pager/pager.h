@@ -1,0 +1,187 @@
+// The paging engine behind PagedBundle. One reserved address range holds
+// every tensor (each at a multiple of its page size); a frame is the unit of
+// faulting, loading and eviction. Service workers take fault events
+// (userfaultfd messages, or guard-mode requests from the SIGSEGV handler)
+// and prefetch requests, read frames with io_uring, check and decompress
+// them, and install them: UFFDIO_MOVE from a pool of staging slots that
+// evicted pages return to, UFFDIO_COPY where MOVE is missing, or mprotect
+// over a memfd alias in guard mode.
+//
+// Locking: mu_ guards policy state (resident list, plan, slot lists); only
+// service workers and hint calls take it, never an application thread in a
+// fault (uffd: the thread sleeps in the kernel; guard: the handler only
+// writes a pipe and waits on the frame's futex). Frame::state is atomic and
+// is the futex word.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "bundle/reader_impl.h"
+#include "faultline/paging.hpp"
+#include "io/file.h"
+#include "os/uffd.h"
+#include "pager/stats.h"
+
+namespace faultline::internal {
+
+enum FrameState : uint32_t { kAbsent = 0, kLoading, kResident, kEvicting, kError, kClosed };
+
+struct Frame {
+  std::atomic<uint32_t> state{kAbsent};
+  uint32_t tensor = 0;
+  uint32_t index = 0;       // frame index within its tensor
+  // Guarded by Engine::mu_.
+  uint64_t last_use = 0;
+  uint32_t uses = 0;
+  uint32_t pins = 0;
+  int64_t resident_pos = -1;  // position in Engine::resident_
+  int32_t slot = -1;          // pool slot that will take its pages back (MOVE path)
+  bool prefetch = false;      // being loaded by prefetch
+};
+
+struct TensorSlot {
+  const TensorInfo* info = nullptr;
+  const ModelInfo* model = nullptr;
+  std::byte* base = nullptr;  // in the application's view
+  uint64_t offset = 0;        // from the start of the reservation
+  uint32_t page = 0;
+  uint64_t first_frame = 0;   // global frame id of its frame 0
+  uint64_t frames = 0;
+  int64_t plan_pos = -1;
+  // Readahead state, guarded by mu_.
+  int64_t last_fault = -2;
+  uint32_t window = 0;
+  uint64_t run_start = 0;
+  TensorCounters counters;
+};
+
+class Engine {
+ public:
+  Engine(std::unique_ptr<BundleReader> reader, const PagingConfig& config);
+  ~Engine();
+  Status Start();
+
+  const BundleInfo& info() const { return reader_->info(); }
+  PagingMode mode() const { return mode_; }
+  std::byte* TensorBase(uint32_t t) const { return tensors_[t].base; }
+  uint32_t TensorCount() const { return static_cast<uint32_t>(tensors_.size()); }
+  uint32_t FirstTensorOf(const ModelInfo* m) const;
+
+  void Prefetch(uint32_t t, uint64_t offset, uint64_t length);
+  void DontNeed(uint32_t t);
+  Status Pin(uint32_t t);
+  void Unpin(uint32_t t);
+  void SetPlan(const std::vector<uint32_t>& order);
+  void StartRecording();
+  void StopRecording();
+  void Advance(uint32_t t);
+  PagingStats Stats() const;
+
+  // Guard mode: the SIGSEGV handler's view.
+  bool Owns(const void* addr) const noexcept {
+    auto a = reinterpret_cast<uintptr_t>(addr), b = reinterpret_cast<uintptr_t>(view_);
+    return a >= b && a < b + reserve_len_;
+  }
+  void GuardFault(const void* addr) noexcept;  // fault path, in a signal handler
+
+ private:
+  struct Load {
+    uint64_t frame;
+    bool prefetch;
+    int32_t slot;
+    std::byte* staging;
+    uint64_t start_ns;
+  };
+  struct Worker;
+
+  Status SetUpUffd();
+  Status SetUpGuard();
+  Status SetUpMmap();
+  void WorkerLoop(Worker* w);
+  void HandleFaultAddress(Worker* w, uintptr_t addr, uint32_t ptid, std::vector<Load>& loads);
+  void Claim(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads);
+  void RunLoads(Worker* w, std::vector<Load>& loads);
+  bool ReserveLocked(uint64_t f, bool prefetch, std::unique_lock<std::mutex>& lock);
+  int64_t PickVictimLocked(uint64_t for_frame, bool prefetch);
+  void EvictLocked(uint64_t f);
+  void InstallFailed(uint64_t f, const Status& s);
+  void MarkResidentLocked(uint64_t f);
+  void TouchLocked(uint64_t f);
+  void ReadaheadLocked(uint64_t f);
+  void QueuePrefetchLocked(uint64_t f);
+  uint64_t PlanDistanceLocked(uint64_t f) const;
+  std::byte* FrameAddr(uint64_t f) const {
+    const TensorSlot& t = tensors_[frames_[f].tensor];
+    return t.base + static_cast<uint64_t>(frames_[f].index) * t.page;
+  }
+  std::byte* WorkAddr(uint64_t f) const {  // guard mode: the service's writable alias
+    return work_ + (FrameAddr(f) - view_);
+  }
+  uint32_t FramePage(uint64_t f) const { return tensors_[frames_[f].tensor].page; }
+  int32_t AcquireSlotLocked();
+  void Wake();
+
+  std::unique_ptr<BundleReader> reader_;
+  const BundleReader::Impl& bundle_;
+  PagingConfig config_;
+  PagingMode mode_ = PagingMode::kAuto;
+  std::vector<TensorSlot> tensors_;
+  std::unique_ptr<Frame[]> frames_;
+  uint64_t frame_count_ = 0;
+  uint32_t max_page_ = 0;
+  bool uniform_pages_ = true;
+
+  // Address space.
+  std::byte* reserve_ = nullptr;  // mmap result (view_ aligned within it)
+  uint64_t reserve_map_len_ = 0;
+  std::byte* view_ = nullptr;
+  uint64_t reserve_len_ = 0;
+  std::byte* work_ = nullptr;     // guard mode alias
+  UniqueFd memfd_;
+  std::optional<Uffd> uffd_;
+  bool use_move_ = false;
+
+  // Staging pool (uffd MOVE path): slots cycle between the pool and the
+  // regions. populated_ hold pages, holes_ do not, fresh ones were never used.
+  std::byte* pool_ = nullptr;
+  uint64_t pool_slots_ = 0;
+  uint64_t pool_fresh_ = 0;
+  std::vector<int32_t> populated_, holes_;
+
+  // Policy state, guarded by mu_.
+  mutable std::mutex mu_;
+  std::condition_variable loaded_cv_;
+  std::vector<uint64_t> resident_;
+  uint64_t resident_bytes_ = 0, inflight_bytes_ = 0, peak_resident_ = 0;
+  uint64_t pinned_bytes_ = 0;
+  uint64_t budget_ = 0;
+  uint64_t tick_ = 0;
+  std::vector<uint32_t> plan_;
+  uint64_t plan_cursor_ = 0;
+  bool recording_ = false;
+  std::vector<uint32_t> recorded_;
+  std::vector<bool> recorded_seen_;
+  std::deque<uint64_t> prefetch_q_;
+
+  // Service threads.
+  UniqueFd wake_fd_;              // eventfd: prefetch queued or shutdown
+  UniqueFd req_read_, req_write_; // guard mode request pipe
+  std::atomic<bool> stopping_{false};
+  std::vector<std::unique_ptr<Worker>> workers_;
+
+  PagerCounters counters_;
+  LatencyHistogram latency_;
+};
+
+// Guard mode: routes SIGSEGV in registered ranges to their engine.
+Status GuardRegister(Engine* e);
+void GuardUnregister(Engine* e);
+
+}  // namespace faultline::internal

@@ -1,0 +1,447 @@
+// The pager: every tensor read through it is bit-identical to the full load
+// for every budget, policy and mode; budgets hold under concurrent faults;
+// bad frames give SIGBUS; hints, pins and plans behave; nothing leaks.
+// The mode comes from FAULTLINE_TEST_MODE (uffd or guard); the suite is
+// registered once per mode and exits 77 where the mode is unavailable.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <dirent.h>
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <cstring>
+#include <fstream>
+#include <thread>
+
+#include "bundle/bundle_util.h"
+#include "faultline/paging.hpp"
+#include "os/uffd.h"
+
+using namespace faultline;
+using namespace faultline::test;
+
+namespace {
+
+PagingMode g_mode = PagingMode::kUffd;
+
+PagingConfig Config(uint64_t budget, EvictionPolicy policy = EvictionPolicy::kLru, unsigned workers = 2) {
+  PagingConfig c;
+  c.max_resident = budget;
+  c.policy = policy;
+  c.mode = g_mode;
+  c.workers = workers;
+  return c;
+}
+
+// A bundle with mixed codecs, dtypes and odd sizes; returns its reference data.
+std::vector<Spec> MakeModel(const std::string& path, int layers = 4) {
+  std::vector<Spec> specs;
+  TensorOptions zstd, shuf, raw;
+  shuf.shuffle = true;
+  raw.codec = Codec::kRaw;
+  for (int l = 0; l < layers; l++) {
+    std::string p = "layers." + std::to_string(l) + ".";
+    specs.push_back(MakeSpec(p + "w", DType::kF32, {256, 1024}, l % 2 ? shuf : zstd, 10 + l, true));
+    specs.push_back(MakeSpec(p + "b", DType::kBF16, {70001}, l % 2 ? raw : zstd, 20 + l, l % 2 == 0));
+  }
+  specs.push_back(MakeSpec("tiny", DType::kU8, {3}, zstd, 99));
+  specs.push_back(MakeSpec("empty", DType::kF32, {0}, zstd, 98));
+  auto r = BuildBundle(path, "m", specs);
+  if (!r.ok()) throw std::runtime_error(r.status().ToString());
+  return specs;
+}
+
+uint64_t TotalBytes(const std::vector<Spec>& specs) {
+  uint64_t n = 0;
+  for (const auto& s : specs) n += s.data.size();
+  return n;
+}
+
+void CheckAll(PagedBundle& b, const std::vector<Spec>& specs) {
+  ModelView m = b.model();
+  for (const auto& s : specs) {
+    auto t = m.tensor(s.name);
+    REQUIRE(t.ok());
+    REQUIRE(t->size() == s.data.size());
+    REQUIRE_MESSAGE(memcmp(t->data(), s.data.data(), s.data.size()) == 0, s.name);
+  }
+}
+
+// Rss of the mapping that contains `addr`, from /proc/self/smaps.
+uint64_t MappingRss(const void* addr) {
+  std::ifstream in("/proc/self/smaps");
+  std::string line;
+  auto a = reinterpret_cast<uintptr_t>(addr);
+  bool inside = false;
+  uint64_t rss = 0;
+  while (std::getline(in, line)) {
+    unsigned long lo, hi;
+    if (sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find(':') > line.find(' ')) {
+      inside = a >= lo && a < hi;
+      continue;
+    }
+    unsigned long kb;
+    if (inside && sscanf(line.c_str(), "Rss: %lu kB", &kb) == 1) rss += kb * 1024;
+  }
+  return rss;
+}
+
+int CountDir(const char* path) {
+  int n = 0;
+  if (DIR* d = opendir(path)) {
+    while (readdir(d)) n++;
+    closedir(d);
+  }
+  return n;
+}
+
+int CountMaps() {
+  std::ifstream in("/proc/self/maps");
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) n++;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("every tensor reads bit-identical for budgets from one page to the whole bundle") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  uint64_t total = TotalBytes(specs);
+  for (EvictionPolicy policy : {EvictionPolicy::kLru, EvictionPolicy::kLfu, EvictionPolicy::kPlan}) {
+    for (uint64_t budget : {uint64_t{4096}, uint64_t{3 * 65536}, total / 4, total * 2}) {
+      CAPTURE(budget);
+      CAPTURE(EvictionPolicyName(policy));
+      auto b = PagedBundle::Open(path, Config(budget, policy));
+      REQUIRE_MESSAGE(b.ok(), b.status().ToString());
+      CHECK((*b)->mode() == g_mode);
+      CheckAll(**b, specs);
+      CheckAll(**b, specs);  // again, after evictions
+      PagingStats s = (*b)->stats();
+      CHECK(s.errors == 0);
+      CHECK(s.loads > 0);
+      CHECK(s.peak_resident_bytes <= s.budget_bytes + 2 * 8 * 65536);
+      if (budget < total / 2) CHECK(s.evictions > 0);
+    }
+  }
+}
+
+TEST_CASE("many threads faulting the same and neighbouring pages get the right bytes within budget") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path, 6);
+  const uint64_t budget = 8 * 65536;
+  auto b = PagedBundle::Open(path, Config(budget, EvictionPolicy::kLru, 3));
+  REQUIRE(b.ok());
+  std::atomic<int> bad{0};
+  std::atomic<uint64_t> max_rss{0};
+  std::vector<std::thread> threads;
+  const void* region = (*b)->model().tensor("layers.0.w")->data();
+  for (int t = 0; t < 8; t++)
+    threads.emplace_back([&, t] {
+      uint64_t s = 777 + t;
+      for (int round = 0; round < 400; round++) {
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        const Spec& spec = specs[(s >> 33) % (specs.size() - 1)];
+        auto tv = (*b)->model().tensor(spec.name);
+        uint64_t off = ((s >> 13) % spec.data.size()) & ~uint64_t{7};
+        uint64_t len = std::min<uint64_t>(spec.data.size() - off, 1 + (s >> 50) % 9000);
+        if (memcmp(static_cast<const std::byte*>(tv->data()) + off, spec.data.data() + off, len) != 0) bad++;
+        if (round % 50 == 0) {
+          uint64_t rss = MappingRss(region);
+          uint64_t m = max_rss.load();
+          while (rss > m && !max_rss.compare_exchange_weak(m, rss)) {
+          }
+        }
+      }
+    });
+  for (auto& th : threads) th.join();
+  CHECK(bad.load() == 0);
+  PagingStats s = (*b)->stats();
+  CHECK(s.resident_bytes <= s.budget_bytes);
+  // Installed frames stay within the budget plus the frames in flight.
+  CHECK(s.peak_resident_bytes <= s.budget_bytes + 3 * 8 * 65536);
+  CHECK(max_rss.load() <= s.budget_bytes + 3 * 8 * 65536);
+  CHECK(MappingRss(region) <= s.budget_bytes + 3 * 8 * 65536);
+  CHECK(s.faults > 0);
+}
+
+TEST_CASE("a corrupted frame gives SIGBUS in the thread that touches it; other tensors stay right") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  // Corrupt frame 1 of layers.0.w (frame record 1).
+  auto rec = FrameAt(path, 1);
+  auto f = ReadFileBytes(path);
+  f[rec.offset + rec.stored_length / 2] ^= std::byte{0x10};
+  WriteFileBytes(path, f);
+
+  std::atomic<int> callbacks{0};
+  PagingConfig c = Config(1 << 20);
+  c.on_error = [&](const Status& s) {
+    if (std::string(s.message()).find("layers.0.w' frame 1") != std::string::npos) callbacks++;
+  };
+  auto b = PagedBundle::Open(path, c);
+  REQUIRE(b.ok());
+  auto w = (*b)->model().tensor("layers.0.w");
+  fflush(stdout);
+  pid_t child = fork();
+  if (child == 0) {
+    // The child cannot use the parent's mapping (it is not inherited); it
+    // re-opens the bundle and touches the bad frame.
+    auto cb = PagedBundle::Open(path, Config(1 << 20));
+    if (!cb.ok()) _exit(3);
+    auto cw = (*cb)->model().tensor("layers.0.w");
+    volatile const std::byte* p = static_cast<const std::byte*>(cw->data());
+    (void)p[0];          // frame 0 is fine
+    (void)p[65536 + 5];  // frame 1 is not
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  CHECK(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGBUS);
+  // The parent's other tensors and frames are still right.
+  auto good = (*b)->model().tensor("layers.1.w");
+  CHECK(memcmp(good->data(), specs[2].data.data(), specs[2].data.size()) == 0);
+  CHECK(memcmp(w->data(), specs[0].data.data(), 65536) == 0);
+  // Touching the bad frame here would kill the test: ask the pager to load it instead.
+  (*b)->Prefetch(*w, 65536, 1);
+  for (int i = 0; i < 2000 && (*b)->stats().errors == 0; i++) usleep(1000);
+  CHECK((*b)->stats().errors == 1);
+  CHECK(callbacks.load() == 1);
+}
+
+TEST_CASE("prefetch installs a tensor before it is touched") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  auto b = PagedBundle::Open(path, Config(64 << 20));
+  REQUIRE(b.ok());
+  auto t = (*b)->model().tensor("layers.2.w");
+  (*b)->Prefetch(*t);
+  uint64_t frames = t->info().frame_count;
+  for (int i = 0; i < 5000 && (*b)->stats().prefetched < frames; i++) usleep(1000);
+  PagingStats s = (*b)->stats();
+  CHECK(s.prefetched == frames);
+  CHECK(memcmp(t->data(), specs[4].data.data(), specs[4].data.size()) == 0);
+  CHECK((*b)->stats().faults == s.faults);  // no fault: everything was there
+}
+
+TEST_CASE("sequential reads trigger readahead") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  auto b = PagedBundle::Open(path, Config(64 << 20));
+  REQUIRE(b.ok());
+  auto t = (*b)->model().tensor("layers.0.w");
+  const auto* p = t->as<uint8_t>();
+  uint64_t sum = 0;
+  for (uint64_t i = 0; i < t->size(); i += 4096) sum += p[i];
+  CHECK(sum > 0);
+  PagingStats s = (*b)->stats();
+  CHECK(s.prefetched > 0);
+  CHECK(s.loads - s.prefetched < t->info().frame_count);  // fewer frames loaded on demand
+}
+
+TEST_CASE("dont_need drops a tensor's frames and they come back on touch") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  auto b = PagedBundle::Open(path, Config(64 << 20));
+  REQUIRE(b.ok());
+  CheckAll(**b, specs);
+  uint64_t before = (*b)->stats().resident_bytes;
+  auto t = (*b)->model().tensor("layers.1.w");
+  (*b)->DontNeed(*t);
+  CHECK((*b)->stats().resident_bytes == before - t->info().frame_count * t->info().page_size);
+  CheckAll(**b, specs);
+}
+
+TEST_CASE("a pinned tensor is never evicted and counts in the budget") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path, 6);
+  auto b = PagedBundle::Open(path, Config(24 * 65536, EvictionPolicy::kLru, 1));
+  REQUIRE(b.ok());
+  auto pinned = (*b)->model().tensor("layers.0.w");
+  REQUIRE((*b)->Pin(*pinned).ok());
+  for (int round = 0; round < 3; round++) CheckAll(**b, specs);
+  PagingStats s = (*b)->stats();
+  for (const auto& ts : s.tensors)
+    if (ts.tensor == "layers.0.w") CHECK(ts.evictions == 0);
+  CHECK(s.evictions > 0);
+  (*b)->Unpin(*pinned);
+  auto big = PagedBundle::Open(path, Config(4 * 65536, EvictionPolicy::kLru, 1));
+  REQUIRE(big.ok());
+  CHECK((*big)->Pin(*(*big)->model().tensor("layers.0.w")).code() == ENOSPC);
+}
+
+TEST_CASE("plan-aware eviction keeps more of a cyclic pass than LRU") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path, 6);
+  uint64_t weights = 0;
+  for (const auto& s : specs) weights += s.data.size();
+  auto loads_for = [&](EvictionPolicy policy) {
+    PagingConfig c = Config(weights / 2, policy, 1);
+    c.prefetch_depth = 0;
+    auto b = PagedBundle::Open(path, c);
+    REQUIRE(b.ok());
+    (*b)->SetPlan((*b)->model().tensors());
+    for (int pass = 0; pass < 4; pass++) {
+      for (const auto& t : (*b)->model().tensors()) {
+        const auto* p = t.as<uint8_t>();
+        volatile uint64_t sum = 0;
+        for (uint64_t i = 0; i < t.size(); i += 4096) sum = sum + p[i];
+      }
+    }
+    CheckAll(**b, specs);
+    return (*b)->stats().loads;
+  };
+  uint64_t lru = loads_for(EvictionPolicy::kLru);
+  uint64_t plan = loads_for(EvictionPolicy::kPlan);
+  MESSAGE("loads: lru ", lru, ", plan ", plan);
+  CHECK(plan < lru);
+}
+
+TEST_CASE("a plan recorded from the first pass is installed") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  auto b = PagedBundle::Open(path, Config(64 << 20, EvictionPolicy::kPlan));
+  REQUIRE(b.ok());
+  (*b)->StartRecordingPlan();
+  CheckAll(**b, specs);
+  (*b)->StopRecordingPlan();
+  // A second pass after dropping everything: plan-driven prefetch loads
+  // tensors before they are touched.
+  for (const auto& t : (*b)->model().tensors()) (*b)->DontNeed(t);
+  uint64_t prefetched = (*b)->stats().prefetched;
+  CheckAll(**b, specs);
+  CHECK((*b)->stats().prefetched > prefetched);
+}
+
+TEST_CASE("tensors are found by name and by layer prefix, with clear errors") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  auto b = PagedBundle::Open(path, Config(1 << 20));
+  REQUIRE(b.ok());
+  auto m = (*b)->model("m");
+  REQUIRE(m.ok());
+  CHECK(m->layer("layers.1.").size() == 2);
+  CHECK(m->tensors().size() == specs.size());
+  auto missing = m->tensor("nope");
+  CHECK(missing.status().code() == ENOENT);
+  CHECK(std::string(missing.status().message()).find("'nope'") != std::string::npos);
+  CHECK((*b)->model("other").status().code() == ENOENT);
+  CHECK(m->tensor("layers.1.w")->dtype() == DType::kF32);
+  CHECK(m->tensor("layers.1.w")->shape() == std::vector<uint64_t>{256, 1024});
+}
+
+TEST_CASE("one bundle opened twice gives two independent mappings") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  auto a = PagedBundle::Open(path, Config(4 * 65536));
+  auto b = PagedBundle::Open(path, Config(4 * 65536));
+  REQUIRE(a.ok());
+  REQUIRE(b.ok());
+  CHECK((*a)->model().tensor("tiny")->data() != (*b)->model().tensor("tiny")->data());
+  std::thread ta([&] { CheckAll(**a, specs); });
+  std::thread tb([&] { CheckAll(**b, specs); });
+  ta.join();
+  tb.join();
+}
+
+TEST_CASE("closing a bundle leaves no threads, descriptors or mappings behind") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  {  // warm up lazily created process-wide state (io_uring probe, thread-local rings)
+    auto b = PagedBundle::Open(path, Config(1 << 20));
+    CheckAll(**b, specs);
+  }
+  int fds = CountDir("/proc/self/fd"), tasks = CountDir("/proc/self/task"), maps = CountMaps();
+  for (int i = 0; i < 5; i++) {
+    auto b = PagedBundle::Open(path, Config(1 << 20));
+    REQUIRE(b.ok());
+    CheckAll(**b, specs);
+  }
+  CHECK(CountDir("/proc/self/fd") == fds);
+  CHECK(CountDir("/proc/self/task") == tasks);
+  CHECK(CountMaps() == maps);
+}
+
+TEST_CASE("a bad bundle or option is refused with a clear error") {
+  TempDir dir;
+  WriteFileBytes(dir / "junk.apbundle", "junk", 4);
+  auto b = PagedBundle::Open(dir / "junk.apbundle", Config(1 << 20));
+  CHECK_FALSE(b.ok());
+  CHECK(std::string(b.status().message()).find("junk.apbundle") != std::string::npos);
+  std::string path = dir / "m.apbundle";
+  MakeModel(path);
+  PagingConfig c = Config(1 << 20);
+  c.mode = PagingMode::kMmap;
+  auto m = PagedBundle::Open(path, c);
+  REQUIRE_FALSE(m.ok());
+  CHECK(std::string(m.status().message()).find("needs a raw bundle") != std::string::npos);
+}
+
+TEST_CASE("mmap mode maps a raw bundle straight from the file") {
+  TempDir dir;
+  std::string path = dir / "raw.apbundle";
+  TensorOptions raw;
+  raw.codec = Codec::kRaw;
+  std::vector<Spec> specs = {MakeSpec("a", DType::kF32, {100000}, raw, 1),
+                             MakeSpec("b", DType::kU8, {5}, raw, 2)};
+  REQUIRE(BuildBundle(path, "m", specs).ok());
+  PagingConfig c = Config(1 << 20);
+  c.mode = PagingMode::kMmap;
+  auto b = PagedBundle::Open(path, c);
+  REQUIRE_MESSAGE(b.ok(), b.status().ToString());
+  CHECK((*b)->mode() == PagingMode::kMmap);
+  CheckAll(**b, specs);
+}
+
+TEST_CASE("environment options override the defaults and bad values keep them") {
+  setenv("FAULTLINE_BUDGET", "256M", 1);
+  setenv("FAULTLINE_POLICY", "plan", 1);
+  setenv("FAULTLINE_MODE", "guard", 1);
+  setenv("FAULTLINE_PREFETCH", "3", 1);
+  PagingConfig c = PagingConfig::FromEnvironment();
+  CHECK(c.max_resident == 256ull << 20);
+  CHECK(c.policy == EvictionPolicy::kPlan);
+  CHECK(c.mode == PagingMode::kGuard);
+  CHECK(c.prefetch_depth == 3);
+  setenv("FAULTLINE_BUDGET", "lots", 1);
+  setenv("FAULTLINE_POLICY", "random", 1);
+  setenv("FAULTLINE_WORKERS", "-2", 1);
+  c = PagingConfig::FromEnvironment();
+  CHECK(c.max_resident == kDefaultBudget);
+  CHECK(c.policy == EvictionPolicy::kLru);
+  CHECK(c.workers == 0);
+  for (const char* v : {"FAULTLINE_BUDGET", "FAULTLINE_POLICY", "FAULTLINE_MODE", "FAULTLINE_PREFETCH",
+                        "FAULTLINE_WORKERS"})
+    unsetenv(v);
+}
+
+int main(int argc, char** argv) {
+  const char* mode = getenv("FAULTLINE_TEST_MODE");
+  if (mode && !strcmp(mode, "guard")) {
+    g_mode = PagingMode::kGuard;
+  } else {
+    g_mode = PagingMode::kUffd;
+    if (!faultline::internal::UffdAvailable()) {
+      fprintf(stderr, "userfaultfd is not available here: skipping the uffd pager suite\n");
+      return 77;
+    }
+  }
+  doctest::Context context(argc, argv);
+  return context.run();
+}
