@@ -115,6 +115,56 @@ int faultline_builder_add_tensor(faultline_builder* builder, int model, const ch
 /* Writes the bundle atomically. Returns -errno on error, or zero. */
 int faultline_builder_build(faultline_builder* builder, const char* path);
 
+/* ---- demand paging ---- */
+
+typedef struct faultline_paged faultline_paged;
+
+enum faultline_policy { FAULTLINE_POLICY_LRU = 0, FAULTLINE_POLICY_LFU, FAULTLINE_POLICY_PLAN };
+enum faultline_mode {
+  FAULTLINE_MODE_AUTO = 0, FAULTLINE_MODE_UFFD, FAULTLINE_MODE_GUARD, FAULTLINE_MODE_MMAP
+};
+
+typedef struct faultline_paging_config {
+  size_t struct_size;       /* sizeof(faultline_paging_config) */
+  uint64_t max_resident;    /* bytes; default 100 MB */
+  int policy;               /* enum faultline_policy */
+  int mode;                 /* enum faultline_mode */
+  unsigned prefetch_depth;  /* frames of readahead at most; 0 = off */
+  unsigned workers;         /* fault-service threads; 0 = cores */
+} faultline_paging_config;
+
+/* Fills `config` with the defaults overridden by the FAULTLINE_* environment. */
+void faultline_paging_config_init(faultline_paging_config* config);
+
+/* Opens a bundle for demand paging; config NULL = faultline_paging_config_init.
+ * Returns -errno on error, or zero on success. */
+int faultline_paged_open(const char* path, const faultline_paging_config* config,
+                         faultline_paged** out);
+/* Unmaps every tensor; pointers become invalid. NULL is ignored. */
+void faultline_paged_close(faultline_paged* paged);
+/* The mapped tensor (model NULL = the first model); its size in *size if
+ * size is not NULL. NULL+errno (ENOENT) when absent. Valid until close. */
+const void* faultline_paged_tensor(faultline_paged* paged, const char* model, const char* tensor,
+                                   uint64_t* size);
+/* Hints on a tensor. Return -errno on error, or zero. */
+int faultline_paged_prefetch(faultline_paged* paged, const char* model, const char* tensor);
+int faultline_paged_dont_need(faultline_paged* paged, const char* model, const char* tensor);
+int faultline_paged_pin(faultline_paged* paged, const char* model, const char* tensor);
+int faultline_paged_unpin(faultline_paged* paged, const char* model, const char* tensor);
+
+/* Versioned, size-prefixed statistics: set struct_size before the call; the
+ * library fills what both sides know and sets version. */
+typedef struct faultline_paging_stats {
+  size_t struct_size;
+  uint32_t version;         /* 1 */
+  uint64_t faults, fault_waits, loads, prefetched, evictions, errors;
+  uint64_t bytes_read, bytes_decompressed;
+  uint64_t resident_bytes, peak_resident_bytes, budget_bytes;
+  double latency_p50_us, latency_p90_us, latency_p99_us, latency_max_us;
+} faultline_paging_stats;
+
+int faultline_paged_stats(const faultline_paged* paged, faultline_paging_stats* out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,15 +3,21 @@
 // Status into -errno plus a thread-local message.
 #include "faultline/faultline.h"
 
+#include <cstddef>
 #include <cstring>
 #include <new>
 
 #include "faultline/bundle.hpp"
+#include "faultline/paging.hpp"
 
 using namespace faultline;
 
 struct faultline_reader {
   std::unique_ptr<BundleReader> reader;
+};
+
+struct faultline_paged {
+  std::unique_ptr<PagedBundle> bundle;
 };
 
 struct faultline_builder {
@@ -231,6 +237,110 @@ int faultline_builder_build(faultline_builder* b, const char* path) {
     auto r = b->builder.Build(path);
     return r.ok() ? 0 : Fail(r.status());
   });
+}
+
+void faultline_paging_config_init(faultline_paging_config* c) {
+  if (!c) return;
+  PagingConfig d = PagingConfig::FromEnvironment();
+  c->struct_size = sizeof(*c);
+  c->max_resident = d.max_resident;
+  c->policy = static_cast<int>(d.policy);
+  c->mode = static_cast<int>(d.mode);
+  c->prefetch_depth = d.prefetch_depth;
+  c->workers = d.workers;
+}
+
+int faultline_paged_open(const char* path, const faultline_paging_config* c, faultline_paged** out) {
+  if (!path || !out) return Fail(EINVAL, "path and out must not be NULL");
+  PagingConfig cfg = PagingConfig::FromEnvironment();
+  if (c) {
+    if (c->struct_size < sizeof(faultline_paging_config)) return Fail(EINVAL, "config struct_size too small");
+    if (c->policy < 0 || c->policy > FAULTLINE_POLICY_PLAN) return Fail(EINVAL, "unknown policy");
+    if (c->mode < 0 || c->mode > FAULTLINE_MODE_MMAP) return Fail(EINVAL, "unknown mode");
+    cfg.max_resident = c->max_resident;
+    cfg.policy = static_cast<EvictionPolicy>(c->policy);
+    cfg.mode = static_cast<PagingMode>(c->mode);
+    cfg.prefetch_depth = c->prefetch_depth;
+    cfg.workers = c->workers;
+  }
+  return Guard([&] {
+    auto r = PagedBundle::Open(path, cfg);
+    if (!r.ok()) return Fail(r.status());
+    *out = new faultline_paged{std::move(r).value()};
+    return 0;
+  });
+}
+
+void faultline_paged_close(faultline_paged* p) { delete p; }
+
+namespace {
+Result<TensorView> FindView(faultline_paged* p, const char* model, const char* tensor) {
+  if (!p || !tensor) return Status::Error(EINVAL, "NULL argument");
+  if (model) {
+    auto m = p->bundle->model(model);
+    if (!m.ok()) return m.status();
+    return m->tensor(tensor);
+  }
+  return p->bundle->model().tensor(tensor);
+}
+}  // namespace
+
+const void* faultline_paged_tensor(faultline_paged* p, const char* model, const char* tensor,
+                                   uint64_t* size) {
+  auto v = FindView(p, model, tensor);
+  if (!v.ok()) {
+    Fail(v.status());
+    errno = v.status().code();
+    return nullptr;
+  }
+  if (size) *size = v->size();
+  return v->data();
+}
+
+#define FL_PAGED_HINT(fn, call)                                           \
+  int fn(faultline_paged* p, const char* model, const char* tensor) {     \
+    auto v = FindView(p, model, tensor);                                  \
+    if (!v.ok()) return Fail(v.status());                                 \
+    call;                                                                 \
+    return 0;                                                             \
+  }
+FL_PAGED_HINT(faultline_paged_prefetch, p->bundle->Prefetch(*v))
+FL_PAGED_HINT(faultline_paged_dont_need, p->bundle->DontNeed(*v))
+FL_PAGED_HINT(faultline_paged_unpin, p->bundle->Unpin(*v))
+#undef FL_PAGED_HINT
+
+int faultline_paged_pin(faultline_paged* p, const char* model, const char* tensor) {
+  auto v = FindView(p, model, tensor);
+  if (!v.ok()) return Fail(v.status());
+  Status s = p->bundle->Pin(*v);
+  return s.ok() ? 0 : Fail(s);
+}
+
+int faultline_paged_stats(const faultline_paged* p, faultline_paging_stats* out) {
+  if (!p || !out) return Fail(EINVAL, "NULL argument");
+  if (out->struct_size < offsetof(faultline_paging_stats, faults))
+    return Fail(EINVAL, "stats struct_size too small");
+  PagingStats s = p->bundle->stats();
+  faultline_paging_stats full = {};
+  full.struct_size = out->struct_size;
+  full.version = 1;
+  full.faults = s.faults;
+  full.fault_waits = s.fault_waits;
+  full.loads = s.loads;
+  full.prefetched = s.prefetched;
+  full.evictions = s.evictions;
+  full.errors = s.errors;
+  full.bytes_read = s.bytes_read;
+  full.bytes_decompressed = s.bytes_decompressed;
+  full.resident_bytes = s.resident_bytes;
+  full.peak_resident_bytes = s.peak_resident_bytes;
+  full.budget_bytes = s.budget_bytes;
+  full.latency_p50_us = s.fault_latency.p50_us;
+  full.latency_p90_us = s.fault_latency.p90_us;
+  full.latency_p99_us = s.fault_latency.p99_us;
+  full.latency_max_us = s.fault_latency.max_us;
+  memcpy(out, &full, std::min(out->struct_size, sizeof(full)));
+  return 0;
 }
 
 }  // extern "C"

@@ -17,8 +17,11 @@ namespace faultline::internal {
 namespace {
 
 constexpr int kMaxEngines = 64;
+// Each entry belongs to the process that registered it: after fork the
+// child inherits the parent's entries, whose service threads it does not
+// have; the handler and GuardRegister ignore (and reuse) them.
 std::atomic<Engine*> g_engines[kMaxEngines];
-std::atomic<pid_t> g_owner{0};
+std::atomic<pid_t> g_pids[kMaxEngines];
 std::mutex g_mu;
 int g_users = 0;
 struct sigaction g_previous;
@@ -46,10 +49,11 @@ void Chain(int sig, siginfo_t* info, void* uctx) {
 void Handler(int sig, siginfo_t* info, void* uctx) {
   int saved = errno;
   // Tensors are read-only: a write is a bug in the caller, not a page to load.
-  if (getpid() == g_owner.load(std::memory_order_relaxed) && !IsWrite(uctx)) {
-    for (auto& slot : g_engines) {
-      Engine* e = slot.load(std::memory_order_acquire);
-      if (e && e->Owns(info->si_addr)) {
+  if (!IsWrite(uctx)) {
+    pid_t self = getpid();
+    for (int i = 0; i < kMaxEngines; i++) {
+      Engine* e = g_engines[i].load(std::memory_order_acquire);
+      if (e && g_pids[i].load(std::memory_order_relaxed) == self && e->Owns(info->si_addr)) {
         e->GuardFault(info->si_addr);
         errno = saved;
         return;
@@ -65,8 +69,9 @@ void Handler(int sig, siginfo_t* info, void* uctx) {
 Status GuardRegister(Engine* e) {
   std::lock_guard<std::mutex> lock(g_mu);
   int free_slot = -1;
+  pid_t self = getpid();
   for (int i = 0; i < kMaxEngines; i++)
-    if (!g_engines[i].load()) {
+    if (!g_engines[i].load() || g_pids[i].load() != self) {
       free_slot = i;
       break;
     }
@@ -81,7 +86,8 @@ Status GuardRegister(Engine* e) {
       return Status::Error(errno, "cannot install the SIGSEGV handler");
     }
   }
-  g_owner.store(getpid());
+  g_engines[free_slot].store(nullptr, std::memory_order_release);
+  g_pids[free_slot].store(self, std::memory_order_relaxed);
   g_engines[free_slot].store(e, std::memory_order_release);
   return Status::Ok();
 }

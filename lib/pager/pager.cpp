@@ -411,8 +411,9 @@ uint64_t Engine::PlanDistanceLocked(uint64_t f) const {
   if (t.plan_pos < 0) {
     d = 2 * n;  // not in the plan: evicted first
   } else {
+    // The tensor in use is needed soonest (kernels such as GEMM revisit
+    // its frames in any order); the one just finished is needed last.
     d = (static_cast<uint64_t>(t.plan_pos) + n - plan_cursor_) % n;
-    if (d == 0 && static_cast<int64_t>(fr.index) < t.last_fault) d = n;  // used again next pass
   }
   return (d << 32) | fr.index;
 }
@@ -567,8 +568,18 @@ void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
       }
       continue;
     }
+    // Counted before the install wakes the faulting threads, so that a
+    // thread reading the statistics after its access sees its own load.
     counters_.bytes_read.fetch_add(rec.stored_length, std::memory_order_relaxed);
     counters_.bytes_decompressed.fetch_add(rec.raw_length, std::memory_order_relaxed);
+    counters_.loads.fetch_add(1, std::memory_order_relaxed);
+    t.counters.loads.fetch_add(1, std::memory_order_relaxed);
+    if (l.prefetch) {
+      counters_.prefetched.fetch_add(1, std::memory_order_relaxed);
+      t.counters.prefetched.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      latency_.Add(NowNs() - l.start_ns);
+    }
     std::byte* dst = FrameAddr(l.frame);
     bool slot_emptied = false;
     if (mode_ == PagingMode::kUffd) {
@@ -598,14 +609,6 @@ void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
     }
     loaded_cv_.notify_all();
     if (mode_ == PagingMode::kGuard) FutexWakeAll(&frames_[l.frame].state);
-    counters_.loads.fetch_add(1, std::memory_order_relaxed);
-    t.counters.loads.fetch_add(1, std::memory_order_relaxed);
-    if (l.prefetch) {
-      counters_.prefetched.fetch_add(1, std::memory_order_relaxed);
-      t.counters.prefetched.fetch_add(1, std::memory_order_relaxed);
-    } else {
-      latency_.Add(NowNs() - l.start_ns);
-    }
   }
 }
 

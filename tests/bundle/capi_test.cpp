@@ -82,3 +82,50 @@ TEST_CASE("C ABI errors are -errno with a message, never a crash") {
   CHECK(std::string(faultline_version()) == "0.1.0");
   CHECK(faultline_has_cuda() == 0);
 }
+
+TEST_CASE("the C ABI maps a bundle for demand paging and reports its statistics") {
+  TempDir dir;
+  std::string path = dir / "p.apbundle";
+  auto w = RandomBytes(5 * 65536 + 17, 3, true);
+  faultline_builder* b = nullptr;
+  REQUIRE(faultline_builder_new(&b) == 0);
+  int m = faultline_builder_add_model(b, "m");
+  uint64_t shape[] = {w.size()};
+  REQUIRE(faultline_builder_add_tensor(b, m, "w", FAULTLINE_DTYPE_U8, shape, 1, w.data(), w.size(), nullptr) == 0);
+  REQUIRE(faultline_builder_build(b, path.c_str()) == 0);
+  faultline_builder_free(b);
+
+  faultline_paging_config cfg;
+  faultline_paging_config_init(&cfg);
+  CHECK(cfg.max_resident == 100000000ull);
+  cfg.max_resident = 2 * 65536;
+  faultline_paged* p = nullptr;
+  int rc = faultline_paged_open(path.c_str(), &cfg, &p);
+  if (rc == -EPERM || rc == -ENOSYS) return;  // no paging mode allowed here
+  REQUIRE_MESSAGE(rc == 0, faultline_last_error());
+  uint64_t size = 0;
+  const void* data = faultline_paged_tensor(p, nullptr, "w", &size);
+  REQUIRE(data != nullptr);
+  CHECK(size == w.size());
+  CHECK(memcmp(data, w.data(), w.size()) == 0);
+  CHECK(faultline_paged_tensor(p, "m", "missing", nullptr) == nullptr);
+  CHECK(errno == ENOENT);
+  CHECK(faultline_paged_prefetch(p, "nope", "w") == -ENOENT);
+  CHECK(faultline_paged_dont_need(p, "m", "w") == 0);
+  faultline_paging_stats st;
+  st.struct_size = sizeof(st);
+  REQUIRE(faultline_paged_stats(p, &st) == 0);
+  CHECK(st.version == 1);
+  CHECK(st.loads >= 6);
+  CHECK(st.evictions > 0);
+  CHECK(st.faults > 0);
+  // An older, smaller struct gets only the fields it knows.
+  struct {
+    size_t struct_size;
+    uint32_t version;
+    uint64_t faults;
+  } old = {sizeof(old), 0, 0};
+  REQUIRE(faultline_paged_stats(p, reinterpret_cast<faultline_paging_stats*>(&old)) == 0);
+  CHECK(old.faults == st.faults);
+  faultline_paged_close(p);
+}
