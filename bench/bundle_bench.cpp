@@ -14,54 +14,17 @@
 #include <unistd.h>
 #include <vector>
 
+#include "bench_util.h"
 #include "bundle/codec.h"
-#include "bundle/reader_impl.h"
+#include "limit_loop.h"
 #include "core/thread_pool.h"
 #include "faultline/bundle.hpp"
 
 using namespace faultline;
-using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// Weight-like data: bf16 or f32 values of a narrow Gaussian.
-std::vector<std::byte> Weights(size_t bytes, DType dtype) {
-  std::vector<std::byte> out(bytes);
-  uint64_t s = 88172645463325252ull;
-  auto next = [&] {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    return s;
-  };
-  auto gauss = [&] {
-    double u = 0;
-    for (int i = 0; i < 4; i++) u += static_cast<double>(next() >> 11) * 0x1.0p-53;
-    return static_cast<float>((u - 2.0) * 0.035);
-  };
-  if (dtype == DType::kF32) {
-    auto* f = reinterpret_cast<float*>(out.data());
-    for (size_t i = 0; i < bytes / 4; i++) f[i] = gauss();
-  } else {
-    auto* h = reinterpret_cast<uint16_t*>(out.data());
-    for (size_t i = 0; i < bytes / 2; i++) {
-      float v = gauss();
-      uint32_t b;
-      memcpy(&b, &v, 4);
-      h[i] = static_cast<uint16_t>(b >> 16);
-    }
-  }
-  return out;
-}
-
-std::string TempPath(const char* name) {
-  const char* t = getenv("TMPDIR");
-  return std::string(t && *t ? t : "/tmp") + "/faultline-bench-" + std::to_string(getpid()) + "-" + name;
-}
-
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
-}
+using namespace faultline::bench;
 
 constexpr size_t kBytes = 128ull << 20;
 
@@ -133,48 +96,29 @@ void BM_FullLoad(benchmark::State& state) {
     return;
   }
   const TensorInfo& t = (*reader)->info().models[0].tensors[0];
-  const auto& impl = (*reader)->impl();
-  // The stored frames, in memory, for the limit loop.
-  std::vector<std::vector<std::byte>> stored(t.frame_count);
-  for (uint64_t i = 0; i < t.frame_count; i++) {
-    const auto& r = impl.frames[t.first_frame + i];
-    stored[i].resize(r.stored_length);
-    pread(impl.fd.get(), stored[i].data(), r.stored_length, static_cast<off_t>(r.offset));
-  }
-  std::vector<std::byte> out(kBytes), limit_out(kBytes), scratch(kBytes);
+  LimitLoop limit(**reader, t);
+  std::vector<std::byte> out(kBytes);
   memset(out.data(), 1, out.size());
-  memset(limit_out.data(), 1, limit_out.size());
-  internal::ThreadPool pool;
-  internal::FrameCodec codec = BundleReader::Impl::CodecOf(t);
   double load_s = 0, limit_s = 0;
   for (auto _ : state) {
     auto t0 = Clock::now();
     Status s = (*reader)->ReadTensor(t, out);
     auto t1 = Clock::now();
     if (!s.ok()) state.SkipWithError(s.message());
-    pool.ParallelFor(t.frame_count, [&](size_t i) {
-      const auto& r = impl.frames[t.first_frame + i];
-      std::byte* dst = limit_out.data() + i * t.page_size;
-      if (codec.codec == Codec::kRaw || (r.flags & internal::kFrameStoredRaw)) {
-        memcpy(dst, stored[i].data(), r.raw_length);
-      } else if (codec.shuffle) {
-        ZSTD_decompress(scratch.data() + i * t.page_size, r.raw_length, stored[i].data(), r.stored_length);
-        internal::Unshuffle(scratch.data() + i * t.page_size, dst, r.raw_length, codec.elem_size);
-      } else {
-        ZSTD_decompress(dst, r.raw_length, stored[i].data(), r.stored_length);
-      }
-    });
+    limit.Run();
     auto t2 = Clock::now();
     load_s += Seconds(t0, t1);
     limit_s += Seconds(t1, t2);
     state.SetIterationTime(Seconds(t0, t1));
   }
+  const auto& limit_out = limit.output();
+  unsigned threads = limit.threads();
   if (out != data || limit_out != data) state.SkipWithError("data differs");
   unlink(path.c_str());
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * kBytes));
   state.counters["limit_MBps"] = static_cast<double>(state.iterations() * kBytes) / limit_s / 1e6;
   state.counters["ratio_vs_limit"] = limit_s / load_s;
-  state.counters["threads"] = pool.size();
+  state.counters["threads"] = threads;
 }
 BENCHMARK(BM_FullLoad)->Arg(0)->Arg(1)->Arg(2)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
 

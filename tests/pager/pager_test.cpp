@@ -7,7 +7,9 @@
 #include <doctest/doctest.h>
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 #include <atomic>
@@ -386,6 +388,39 @@ TEST_CASE("closing a bundle leaves no threads, descriptors or mappings behind") 
   CHECK(CountDir("/proc/self/task") == tasks);
   for (const void* r : regions) CHECK_FALSE(Mapped(r));
   CHECK_FALSE(Mapped(nullptr, "faultline-guard"));
+}
+
+TEST_CASE("running out of file descriptors fails the open with a clear error") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  MakeModel(path);
+  fflush(stdout);
+  pid_t child = fork();
+  if (child == 0) {
+    // Leave exactly one free descriptor: the bundle file opens, nothing
+    // after it can.
+    int used = CountDir("/proc/self/fd") - 3;
+    int highest = 0;
+    if (DIR* d = opendir("/proc/self/fd")) {
+      while (dirent* e = readdir(d)) highest = std::max(highest, atoi(e->d_name));
+      closedir(d);
+    }
+    (void)used;
+    rlimit lim = {static_cast<rlim_t>(highest + 2), static_cast<rlim_t>(highest + 2)};
+    setrlimit(RLIMIT_NOFILE, &lim);
+    int last = -1;
+    for (int fd; (fd = open("/dev/null", O_RDONLY)) >= 0;) last = fd;
+    close(last);  // exactly one descriptor left
+    auto b = PagedBundle::Open(path, Config(1 << 20));
+    if (b.ok()) _exit(2);
+    if (b.status().code() != EMFILE) _exit(3);
+    if (strlen(b.status().message()) == 0) _exit(4);
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
 }
 
 TEST_CASE("a bad bundle or option is refused with a clear error") {
