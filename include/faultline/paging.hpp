@@ -40,7 +40,7 @@ struct PagingConfig {
   uint64_t max_resident = kDefaultBudget;  // bytes of installed frames (see README: budget)
   EvictionPolicy policy = EvictionPolicy::kLru;
   PagingMode mode = PagingMode::kAuto;
-  unsigned prefetch_depth = 8;   // most frames read ahead of a sequential stream (0 = off)
+  unsigned prefetch_depth = 32;  // most frames read ahead of a sequential stream (0 = off)
   unsigned workers = 0;          // fault-service threads; 0 = cores
   // Called (from a service thread) when a frame cannot be produced; the
   // faulting thread gets SIGBUS.

@@ -16,7 +16,7 @@ constexpr OptionSpec kOptions[] = {
     {"FAULTLINE_BUDGET", "size", "100MB", "resident bytes of paged tensors (K/M/G suffixes)"},
     {"FAULTLINE_POLICY", "lru|lfu|plan", "lru", "eviction policy"},
     {"FAULTLINE_MODE", "auto|uffd|guard|mmap", "auto", "how pages are faulted in"},
-    {"FAULTLINE_PREFETCH", "integer", "8", "frames of readahead at most (0 = off)"},
+    {"FAULTLINE_PREFETCH", "integer", "32", "frames of readahead at most (0 = off)"},
     {"FAULTLINE_WORKERS", "integer", "cores", "fault-service threads"},
     {"FAULTLINE_SHOW_STATS", "flag", "0", "print paging statistics when a bundle is closed"},
     {"FAULTLINE_VERBOSE", "flag", "0", "say on stderr which mode and features are in use"},

@@ -285,11 +285,15 @@ void Engine::WorkerLoop(Worker* w) {
       while (w->loads.size() < kBatch && !prefetch_q_.empty()) {
         uint64_t f = prefetch_q_.front();
         prefetch_q_.pop_front();
+        // Reserve before claiming: a claimed frame is never given back, or a
+        // thread that faulted on it meanwhile would wait for nobody.
+        if (frames_[f].state.load(std::memory_order_acquire) != kAbsent) continue;
+        if (!ReserveLocked(f, true, lock)) continue;
         uint32_t expected = kAbsent;
         if (frames_[f].state.compare_exchange_strong(expected, kLoading)) {
-          lock.unlock();
-          Claim(w, f, true, w->loads);
-          lock.lock();
+          ClaimReservedLocked(w, f, true, w->loads);
+        } else {
+          inflight_bytes_ -= FramePage(f);  // a fault claimed it first
         }
       }
       if (!prefetch_q_.empty()) Wake();  // let another worker share the queue
@@ -362,13 +366,15 @@ void Engine::HandleFaultAddress(Worker* w, uintptr_t addr, uint32_t ptid, std::v
   }
 }
 
-// `f` is in kLoading, owned by the caller.
+// `f` is in kLoading, owned by the caller (a demand fault): reserve its
+// budget (demand loads always proceed) and queue it.
 void Engine::Claim(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (!ReserveLocked(f, prefetch, lock)) {
-    frames_[f].state.store(kAbsent, std::memory_order_release);
-    return;
-  }
+  ReserveLocked(f, prefetch, lock);
+  ClaimReservedLocked(w, f, prefetch, loads);
+}
+
+void Engine::ClaimReservedLocked(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads) {
   Load l{f, prefetch, -1, nullptr, 0};
   if (mode_ == PagingMode::kUffd) {
     if (use_move_ && !populated_.empty()) {
@@ -391,13 +397,23 @@ void Engine::Claim(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& load
 
 bool Engine::ReserveLocked(uint64_t f, bool prefetch, std::unique_lock<std::mutex>&) {
   uint64_t p = FramePage(f);
-  while (resident_bytes_ + inflight_bytes_ + p > budget_) {
-    int64_t v = PickVictimLocked(f, prefetch);
-    if (v < 0) {
-      if (prefetch) return false;
-      break;  // demand loads proceed; the excess is bounded by the frames in flight
+  if (resident_bytes_ + inflight_bytes_ + p > budget_) {
+    // Evict a batch: down to a little under the budget, so the unmapping
+    // (and its TLB shootdown across the process's threads) is paid once per
+    // run of frames rather than once per frame.
+    uint64_t slack = std::min<uint64_t>(budget_ / 8, 16ull * max_page_);
+    uint64_t target = budget_ > slack + p ? budget_ - slack - p : 0;
+    std::vector<uint64_t>& victims = evict_batch_;
+    victims.clear();
+    while (resident_bytes_ + inflight_bytes_ > target) {
+      int64_t v = PickVictimLocked(f, prefetch);
+      if (v < 0) break;
+      RemoveResidentLocked(static_cast<uint64_t>(v));
+      victims.push_back(static_cast<uint64_t>(v));
     }
-    EvictLocked(static_cast<uint64_t>(v));
+    ReleaseLocked(victims);
+    if (resident_bytes_ + inflight_bytes_ + p > budget_ && prefetch) return false;
+    // Demand loads proceed regardless; the excess is bounded by the frames in flight.
   }
   inflight_bytes_ += p;
   return true;
@@ -424,6 +440,15 @@ int64_t Engine::PickVictimLocked(uint64_t for_frame, bool prefetch) {
   const uint64_t run_start = tensors_[frames_[for_frame].tensor].run_start;
   int64_t best = -1;
   uint64_t best_a = 0, best_b = 0;
+  if (!plan && config_.policy == EvictionPolicy::kLru) {
+    // The list is in last-use order: the first unpinned frame is the victim.
+    for (int64_t v = lru_head_; v >= 0; v = frames_[v].lru_next) {
+      const Frame& fr = frames_[v];
+      if (prefetch && fr.last_use >= run_start) return -1;  // everything after is newer
+      if (!fr.pins) return v;
+    }
+    return -1;
+  }
   for (uint64_t v : resident_) {
     const Frame& fr = frames_[v];
     if (fr.pins) continue;
@@ -449,6 +474,13 @@ int64_t Engine::PickVictimLocked(uint64_t for_frame, bool prefetch) {
 }
 
 void Engine::EvictLocked(uint64_t f) {
+  RemoveResidentLocked(f);
+  evict_one_.assign(1, f);
+  ReleaseLocked(evict_one_);
+}
+
+// Takes `f` out of the resident set; its pages are released by ReleaseLocked.
+void Engine::RemoveResidentLocked(uint64_t f) {
   Frame& fr = frames_[f];
   fr.state.store(kEvicting, std::memory_order_release);
   uint64_t last = resident_.back();
@@ -456,28 +488,48 @@ void Engine::EvictLocked(uint64_t f) {
   frames_[last].resident_pos = fr.resident_pos;
   resident_.pop_back();
   fr.resident_pos = -1;
-  const uint32_t p = FramePage(f);
-  resident_bytes_ -= p;
-  std::byte* addr = FrameAddr(f);
-  if (mode_ == PagingMode::kUffd) {
-    bool moved = false;
-    if (use_move_ && !holes_.empty() && populated_.size() < pool_slots_ / 2) {
-      int32_t slot = holes_.back();
-      if (uffd_->Move(pool_ + static_cast<uint64_t>(slot) * max_page_, addr, p, false) == 0) {
-        holes_.pop_back();
-        populated_.push_back(slot);
-        moved = true;
+  LruUnlinkLocked(f);
+  resident_bytes_ -= FramePage(f);
+}
+
+// Releases the pages of frames taken out of the resident set: runs of
+// adjacent frames in one call each. A lone frame goes back to the staging
+// pool with UFFDIO_MOVE when the pool has room, so a later load can move it
+// in again without the kernel zeroing a page.
+void Engine::ReleaseLocked(std::vector<uint64_t>& victims) {
+  std::sort(victims.begin(), victims.end());
+  for (size_t i = 0; i < victims.size();) {
+    size_t j = i + 1;
+    while (j < victims.size() && victims[j] == victims[j - 1] + 1 &&
+           frames_[victims[j]].tensor == frames_[victims[i]].tensor)
+      j++;
+    const uint64_t f = victims[i];
+    std::byte* addr = FrameAddr(f);
+    uint64_t len = (j - i) * static_cast<uint64_t>(FramePage(f));
+    if (mode_ == PagingMode::kUffd) {
+      bool moved = false;
+      if (j - i == 1 && use_move_ && !holes_.empty() && populated_.size() < pool_slots_ / 2) {
+        int32_t slot = holes_.back();
+        if (uffd_->Move(pool_ + static_cast<uint64_t>(slot) * max_page_, addr, len, false) == 0) {
+          holes_.pop_back();
+          populated_.push_back(slot);
+          moved = true;
+        }
       }
+      if (!moved) madvise(addr, len, MADV_DONTNEED);
+    } else {
+      mprotect(addr, len, PROT_NONE);
+      fallocate(memfd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                static_cast<off_t>(addr - view_), static_cast<off_t>(len));
     }
-    if (!moved) madvise(addr, p, MADV_DONTNEED);
-  } else {
-    mprotect(addr, p, PROT_NONE);
-    fallocate(memfd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-              static_cast<off_t>(addr - view_), p);
+    for (size_t k = i; k < j; k++) {
+      Frame& fr = frames_[victims[k]];
+      counters_.evictions.fetch_add(1, std::memory_order_relaxed);
+      tensors_[fr.tensor].counters.evictions.fetch_add(1, std::memory_order_relaxed);
+      fr.state.store(kAbsent, std::memory_order_release);
+    }
+    i = j;
   }
-  counters_.evictions.fetch_add(1, std::memory_order_relaxed);
-  tensors_[fr.tensor].counters.evictions.fetch_add(1, std::memory_order_relaxed);
-  fr.state.store(kAbsent, std::memory_order_release);
 }
 
 void Engine::MarkResidentLocked(uint64_t f) {
@@ -487,13 +539,36 @@ void Engine::MarkResidentLocked(uint64_t f) {
   resident_bytes_ += FramePage(f);
   peak_resident_ = std::max(peak_resident_, resident_bytes_);
   if (fr.prefetch) fr.last_use = ++tick_;
+  LruAppendLocked(f);
   fr.state.store(kResident, std::memory_order_release);
+}
+
+void Engine::LruUnlinkLocked(uint64_t f) {
+  Frame& fr = frames_[f];
+  if (fr.lru_prev >= 0) frames_[fr.lru_prev].lru_next = fr.lru_next;
+  else if (lru_head_ == static_cast<int64_t>(f)) lru_head_ = fr.lru_next;
+  if (fr.lru_next >= 0) frames_[fr.lru_next].lru_prev = fr.lru_prev;
+  else if (lru_tail_ == static_cast<int64_t>(f)) lru_tail_ = fr.lru_prev;
+  fr.lru_prev = fr.lru_next = -1;
+}
+
+void Engine::LruAppendLocked(uint64_t f) {
+  Frame& fr = frames_[f];
+  fr.lru_prev = lru_tail_;
+  fr.lru_next = -1;
+  if (lru_tail_ >= 0) frames_[lru_tail_].lru_next = static_cast<int64_t>(f);
+  else lru_head_ = static_cast<int64_t>(f);
+  lru_tail_ = static_cast<int64_t>(f);
 }
 
 void Engine::TouchLocked(uint64_t f) {
   Frame& fr = frames_[f];
   fr.last_use = ++tick_;
   fr.uses++;
+  if (fr.resident_pos >= 0) {  // keep the LRU list in last-use order
+    LruUnlinkLocked(f);
+    LruAppendLocked(f);
+  }
   uint32_t t = fr.tensor;
   if (recording_ && !recorded_seen_[t]) {
     recorded_seen_[t] = true;
@@ -519,22 +594,27 @@ void Engine::ReadaheadLocked(uint64_t f) {
   Frame& fr = frames_[f];
   TensorSlot& t = tensors_[fr.tensor];
   int64_t i = fr.index;
-  if (t.last_fault >= 0 && i > t.last_fault && i <= t.last_fault + 1 + static_cast<int64_t>(t.window)) {
+  // Sequential: the fault lands just after the previous one or just past
+  // the frames read ahead for it (those did not fault).
+  if (t.last_fault >= 0 && i > t.last_fault && i <= t.last_fault + 1 + 2 * static_cast<int64_t>(t.window)) {
     t.window = std::min<uint32_t>(std::max<uint32_t>(1, t.window * 2), config_.prefetch_depth);
   } else {
     t.window = 0;  // random access: no readahead until a second sequential fault
     t.run_start = tick_;
   }
   t.last_fault = i;
-  for (uint64_t k = 1; k <= t.window && static_cast<uint64_t>(i) + k < t.frames; k++)
+  // Read twice the window ahead, so the next fault of the stream comes when
+  // half of it is still ahead of the reader.
+  for (uint64_t k = 1; k <= 2ull * t.window && static_cast<uint64_t>(i) + k < t.frames; k++)
     QueuePrefetchLocked(t.first_frame + static_cast<uint64_t>(i) + k);
 }
 
 void Engine::QueuePrefetchLocked(uint64_t f) {
   if (frames_[f].state.load(std::memory_order_relaxed) != kAbsent) return;
   if (prefetch_q_.size() >= kMaxPrefetchQueue) return;
+  bool was_empty = prefetch_q_.empty();
   prefetch_q_.push_back(f);
-  Wake();
+  if (was_empty) Wake();  // workers that take from the queue wake the next one
 }
 
 void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {

@@ -42,6 +42,7 @@ struct Frame {
   uint32_t uses = 0;
   uint32_t pins = 0;
   int64_t resident_pos = -1;  // position in Engine::resident_
+  int64_t lru_prev = -1, lru_next = -1;  // Engine's LRU list of resident frames
   int32_t slot = -1;          // pool slot that will take its pages back (MOVE path)
   bool prefetch = false;      // being loaded by prefetch
 };
@@ -107,13 +108,18 @@ class Engine {
   void WorkerLoop(Worker* w);
   void HandleFaultAddress(Worker* w, uintptr_t addr, uint32_t ptid, std::vector<Load>& loads);
   void Claim(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads);
+  void ClaimReservedLocked(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads);
   void RunLoads(Worker* w, std::vector<Load>& loads);
   bool ReserveLocked(uint64_t f, bool prefetch, std::unique_lock<std::mutex>& lock);
   int64_t PickVictimLocked(uint64_t for_frame, bool prefetch);
   void EvictLocked(uint64_t f);
+  void RemoveResidentLocked(uint64_t f);
+  void ReleaseLocked(std::vector<uint64_t>& victims);
   void InstallFailed(uint64_t f, const Status& s);
   void MarkResidentLocked(uint64_t f);
   void TouchLocked(uint64_t f);
+  void LruUnlinkLocked(uint64_t f);
+  void LruAppendLocked(uint64_t f);
   void ReadaheadLocked(uint64_t f);
   void QueuePrefetchLocked(uint64_t f);
   uint64_t PlanDistanceLocked(uint64_t f) const;
@@ -159,6 +165,7 @@ class Engine {
   mutable std::mutex mu_;
   std::condition_variable loaded_cv_;
   std::vector<uint64_t> resident_;
+  int64_t lru_head_ = -1, lru_tail_ = -1;  // least recently used first
   uint64_t resident_bytes_ = 0, inflight_bytes_ = 0, peak_resident_ = 0;
   uint64_t pinned_bytes_ = 0;
   uint64_t budget_ = 0;
@@ -169,6 +176,7 @@ class Engine {
   std::vector<uint32_t> recorded_;
   std::vector<bool> recorded_seen_;
   std::deque<uint64_t> prefetch_q_;
+  std::vector<uint64_t> evict_batch_, evict_one_;  // reused: no allocation per eviction
 
   // Service threads.
   UniqueFd wake_fd_;              // eventfd: prefetch queued or shutdown
