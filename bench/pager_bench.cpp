@@ -277,9 +277,13 @@ std::vector<double> RawUffdLatencies(uint32_t unit, int faults) {
       if (poll(&pfd, 1, 100) <= 0) continue;
       uffd_msg msg;
       if (read(u->fd(), &msg, sizeof(msg)) != sizeof(msg)) continue;
-      uintptr_t a = msg.arg.pagefault.address & ~uintptr_t{unit - 1};
+      // The unit containing the address, relative to the region's start
+      // (mmap aligns only to 4 KiB).
+      uintptr_t base = reinterpret_cast<uintptr_t>(region);
+      uintptr_t a = base + (msg.arg.pagefault.address - base) / unit * unit;
       memcpy(staging.data(), src.data(), unit);
-      u->Copy(reinterpret_cast<void*>(a), staging.data(), unit);
+      if (u->Copy(reinterpret_cast<void*>(a), staging.data(), unit) != 0)
+        u->Copy(reinterpret_cast<void*>(msg.arg.pagefault.address & ~uintptr_t{4095}), staging.data(), 4096);
     }
   });
   for (int i = 0; i < faults; i++) {

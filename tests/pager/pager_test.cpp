@@ -423,6 +423,75 @@ TEST_CASE("running out of file descriptors fails the open with a clear error") {
   CHECK(WEXITSTATUS(status) == 0);
 }
 
+TEST_CASE("closing a bundle while a thread reads it ends that thread's reads with SIGSEGV") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  fflush(stdout);
+  pid_t child = fork();
+  if (child == 0) {
+    signal(SIGSEGV, SIG_DFL);
+    auto b = PagedBundle::Open(path, Config(4 * 65536));
+    if (!b.ok()) _exit(3);
+    std::vector<TensorView> views = (*b)->model().tensors();
+    std::atomic<bool> started{false};
+    std::thread reader([&] {
+      for (;;)
+        for (size_t i = 0; i < views.size(); i++) {
+          const auto* p = views[i].as<uint8_t>();
+          uint64_t sum = 0;
+          for (uint64_t k = 0; k < views[i].size(); k += 512) sum += p[k];
+          if (!specs[i].data.empty() && sum == 0 && p[0] != static_cast<uint8_t>(specs[i].data[0])) _exit(4);
+          started = true;
+        }
+    });
+    while (!started) usleep(100);
+    b->reset();  // close under the reader's feet
+    usleep(200 * 1000);
+    _exit(5);  // the reader should have died by now
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  CHECK(WIFSIGNALED(status));
+  if (WIFSIGNALED(status)) CHECK(WTERMSIG(status) == SIGSEGV);
+}
+
+#if defined(__SANITIZE_ADDRESS__)
+#define FL_UNDER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FL_UNDER_ASAN 1
+#endif
+#endif
+
+TEST_CASE("running out of address space fails the open with ENOMEM") {
+#ifndef FL_UNDER_ASAN  // the sanitizer reserves terabytes of shadow memory
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  MakeModel(path);
+  fflush(stdout);
+  pid_t child = fork();
+  if (child == 0) {
+    // Allow the process what it has now plus 4 MiB: less than the tensors' range.
+    std::ifstream in("/proc/self/status");
+    std::string line;
+    unsigned long vm_kb = 0;
+    while (std::getline(in, line))
+      if (sscanf(line.c_str(), "VmSize: %lu kB", &vm_kb) == 1) break;
+    rlimit lim = {static_cast<rlim_t>(vm_kb * 1024 + (4 << 20)), static_cast<rlim_t>(vm_kb * 1024 + (4 << 20))};
+    setrlimit(RLIMIT_AS, &lim);
+    auto b = PagedBundle::Open(path, Config(1 << 20));
+    if (b.ok()) _exit(2);
+    if (b.status().code() != ENOMEM && b.status().code() != EAGAIN) _exit(3);
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+#endif
+}
+
 TEST_CASE("a bad bundle or option is refused with a clear error") {
   TempDir dir;
   WriteFileBytes(dir / "junk.apbundle", "junk", 4);
