@@ -159,6 +159,7 @@ class PagedBundle {
   PagingStats stats() const;
 
   struct Impl;
+  const Impl& impl() const noexcept { return *impl_; }  // internal
 
  private:
   PagedBundle() = default;

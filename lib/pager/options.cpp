@@ -18,7 +18,7 @@ constexpr OptionSpec kOptions[] = {
     {"FAULTLINE_MODE", "auto|uffd|guard|mmap", "auto", "how pages are faulted in"},
     {"FAULTLINE_PREFETCH", "integer", "32", "frames of readahead at most (0 = off)"},
     {"FAULTLINE_WORKERS", "integer", "cores", "fault-service threads"},
-    {"FAULTLINE_SHOW_STATS", "flag", "0", "print paging statistics when a bundle is closed"},
+    {"FAULTLINE_SHOW_STATS", "flag", "0", "print paging statistics when a bundle is closed or at exit"},
     {"FAULTLINE_VERBOSE", "flag", "0", "say on stderr which mode and features are in use"},
 };
 static_assert(sizeof(kOptions) / sizeof(kOptions[0]) == static_cast<int>(OptionId::kCount));

@@ -1,5 +1,7 @@
 // PagedBundle, its views and configuration: the public face of the engine.
+#include <algorithm>
 #include <cstdio>
+#include <mutex>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -86,7 +88,41 @@ std::string PagingStats::ToString() const {
 
 struct PagedBundle::Impl {
   std::unique_ptr<Engine> engine;
+  std::string path;
 };
+
+namespace {
+
+// FAULTLINE_SHOW_STATS: a bundle prints its statistics when it is closed;
+// bundles still open when the process exits print theirs from atexit.
+std::mutex g_open_mu;
+std::vector<PagedBundle*>* g_open = nullptr;
+
+void PrintStats(const std::string& path, const PagingStats& s) {
+  fprintf(stderr, "%s: %s", path.c_str(), s.ToString().c_str());
+}
+
+void PrintOpenAtExit() {
+  std::lock_guard<std::mutex> lock(g_open_mu);
+  if (!g_open) return;
+  for (PagedBundle* b : *g_open) PrintStats(b->impl().path, b->stats());
+}
+
+void TrackOpen(PagedBundle* b) {
+  std::lock_guard<std::mutex> lock(g_open_mu);
+  if (!g_open) {
+    g_open = new std::vector<PagedBundle*>();
+    atexit(PrintOpenAtExit);
+  }
+  g_open->push_back(b);
+}
+
+void UntrackOpen(PagedBundle* b) {
+  std::lock_guard<std::mutex> lock(g_open_mu);
+  if (g_open) g_open->erase(std::remove(g_open->begin(), g_open->end(), b), g_open->end());
+}
+
+}  // namespace
 
 Result<std::unique_ptr<PagedBundle>> PagedBundle::Open(const std::string& path, const PagingConfig& config) {
   FL_ASSIGN_OR_RETURN(auto reader, BundleReader::Open(path));
@@ -95,6 +131,8 @@ Result<std::unique_ptr<PagedBundle>> PagedBundle::Open(const std::string& path, 
   b->impl_->engine = std::make_unique<Engine>(std::move(reader), config);
   Status s = b->impl_->engine->Start();
   if (!s.ok()) return s.WithPrefix("%s: %s mode", path.c_str(), PagingModeName(config.mode));
+  b->impl_->path = path;
+  if (OptionFlag(OptionId::kShowStats)) TrackOpen(b.get());
   if (OptionFlag(OptionId::kVerbose))
     fprintf(stderr, "faultline: %s paged in %s mode, budget %s\n", path.c_str(),
             PagingModeName(b->impl_->engine->mode()), FormatSize(b->impl_->engine->Stats().budget_bytes).c_str());
@@ -102,8 +140,10 @@ Result<std::unique_ptr<PagedBundle>> PagedBundle::Open(const std::string& path, 
 }
 
 PagedBundle::~PagedBundle() {
-  if (impl_ && impl_->engine && OptionFlag(OptionId::kShowStats))
-    fputs(impl_->engine->Stats().ToString().c_str(), stderr);
+  if (impl_ && impl_->engine && OptionFlag(OptionId::kShowStats)) {
+    UntrackOpen(this);
+    PrintStats(impl_->path, impl_->engine->Stats());
+  }
 }
 
 Result<std::unique_ptr<PagedBundle>> LoadPaged(const std::string& path, uint64_t max_resident) {
