@@ -5,6 +5,7 @@
 
 #include <liburing.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "io/file.h"
@@ -25,7 +26,11 @@ Ring::~Ring() {
 }
 
 Status Ring::ReadAll(std::span<ReadOp> ops, const char* what) {
-  std::vector<uint32_t> done(ops.size(), 0);
+  // Progress per op; grown once per thread, so steady-state reads (the
+  // pager's fault path) do not allocate.
+  thread_local std::vector<uint32_t> done;
+  if (done.size() < ops.size()) done.resize(ops.size());
+  std::fill(done.begin(), done.begin() + static_cast<std::ptrdiff_t>(ops.size()), 0u);
   size_t next = 0, in_flight = 0, finished = 0;
   Status first_error;
   auto queue = [&](size_t i) {
