@@ -10,5 +10,7 @@ build=${BUILD_DIR:-build}
 out="$build/demo"
 "$build/tools/faultline-demo" "$out" "$@"
 echo
-"$build/tools/faultline" inspect "$out/demo.apbundle" | head -n 20
+"$build/tools/faultline" inspect "$out/demo.apbundle" > "$out/inspect.txt"
+head -n 20 "$out/inspect.txt"
+echo "  ... (full listing in $out/inspect.txt)"
 "$build/tools/faultline" verify "$out/demo.apbundle"
