@@ -109,10 +109,19 @@ Status Engine::Start() {
   view_ = reinterpret_cast<std::byte*>(AlignUp(reinterpret_cast<uintptr_t>(reserve_), max_page_));
   for (auto& t : tensors_) t.base = view_ + t.offset;
 
-  PagingMode want = config_.mode;
-  if (want == PagingMode::kAuto) want = UffdAvailable() ? PagingMode::kUffd : PagingMode::kGuard;
-  mode_ = want;
+  mode_ = config_.mode;
   switch (mode_) {
+    case PagingMode::kAuto: {
+      // userfaultfd where this process may use it (seccomp, sysctls and
+      // device permissions decide, and may differ from the parent's), guard
+      // pages otherwise.
+      mode_ = PagingMode::kUffd;
+      if (SetUpUffd().ok()) break;
+      uffd_.reset();
+      mode_ = PagingMode::kGuard;
+      FL_RETURN_IF_ERROR(SetUpGuard());
+      break;
+    }
     case PagingMode::kUffd: FL_RETURN_IF_ERROR(SetUpUffd()); break;
     case PagingMode::kGuard: FL_RETURN_IF_ERROR(SetUpGuard()); break;
     case PagingMode::kMmap: return SetUpMmap();

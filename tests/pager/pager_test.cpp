@@ -9,7 +9,11 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 
 #include <atomic>
@@ -490,6 +494,47 @@ TEST_CASE("running out of address space fails the open with ENOMEM") {
   REQUIRE(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 0);
 #endif
+}
+
+TEST_CASE("where seccomp forbids userfaultfd, auto mode falls back to guard pages") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  fflush(stdout);
+  pid_t child = fork();
+  if (child == 0) {
+    // Deny userfaultfd(2) and the /dev/userfaultfd ioctl with EPERM.
+    sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_userfaultfd, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_ioctl, 0, 3),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, args[1])),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0xAA00, 0, 1),  // USERFAULTFD_IOC_NEW
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    sock_fprog prog = {static_cast<unsigned short>(sizeof(filter) / sizeof(filter[0])), filter};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
+      _exit(77);
+    PagingConfig c = Config(4 * 65536);
+    c.mode = PagingMode::kAuto;
+    auto b = PagedBundle::Open(path, c);
+    if (!b.ok()) _exit(2);
+    if ((*b)->mode() != PagingMode::kGuard) _exit(3);
+    for (const auto& s : specs) {
+      auto t = (*b)->model().tensor(s.name);
+      if (!s.data.empty() && memcmp(t->data(), s.data.data(), s.data.size()) != 0) _exit(4);
+    }
+    c.mode = PagingMode::kUffd;  // asked for explicitly: an error, not a fallback
+    auto u = PagedBundle::Open(path, c);
+    if (u.ok() || u.status().code() != EPERM) _exit(5);
+    _exit(0);
+  }
+  int status = 0;
+  waitpid(child, &status, 0);
+  REQUIRE(WIFEXITED(status));
+  if (WEXITSTATUS(status) != 77) CHECK(WEXITSTATUS(status) == 0);
 }
 
 TEST_CASE("a bad bundle or option is refused with a clear error") {
