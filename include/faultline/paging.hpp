@@ -140,8 +140,9 @@ class PagedBundle {
   // Drops the tensor's resident frames now (they come back on touch).
   void DontNeed(const TensorView& t);
   // Loads the tensor and keeps it resident (counted in the budget) until
-  // Unpin. Blocks until loaded; fails with ENOSPC if pinning would leave
-  // less than two frames of budget for everything else.
+  // Unpin. Blocks until loaded (by the service threads: the caller never
+  // faults); fails with ENOSPC if pinning would leave less than two frames
+  // of budget per worker for everything else, EIO if a frame is bad.
   Status Pin(const TensorView& t);
   void Unpin(const TensorView& t);
   // The execution plan: the order in which tensors are used in one pass

@@ -291,6 +291,20 @@ void Engine::WorkerLoop(Worker* w) {
     }
     if (w->loads.size() < kBatch) {
       std::unique_lock<std::mutex> lock(mu_);
+      // Loads that must happen (Pin): demand semantics, budget permitting or not.
+      while (w->loads.size() < kBatch && !forced_q_.empty()) {
+        uint64_t f = forced_q_.front();
+        forced_q_.pop_front();
+        if (frames_[f].state.load(std::memory_order_acquire) != kAbsent) continue;
+        ReserveLocked(f, false, lock);
+        uint32_t expected = kAbsent;
+        if (frames_[f].state.compare_exchange_strong(expected, kLoading)) {
+          frames_[f].prefetch = false;
+          ClaimReservedLocked(w, f, true, w->loads);  // counted as prefetched: no thread touched it
+        } else {
+          inflight_bytes_ -= FramePage(f);
+        }
+      }
       while (w->loads.size() < kBatch && !prefetch_q_.empty()) {
         uint64_t f = prefetch_q_.front();
         prefetch_q_.pop_front();
@@ -305,7 +319,7 @@ void Engine::WorkerLoop(Worker* w) {
           inflight_bytes_ -= FramePage(f);  // a fault claimed it first
         }
       }
-      if (!prefetch_q_.empty()) Wake();  // let another worker share the queue
+      if (!prefetch_q_.empty() || !forced_q_.empty()) Wake();  // let another worker share the queues
     }
     RunLoads(w, w->loads);
   }
@@ -703,6 +717,9 @@ void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
 
 void Engine::InstallFailed(uint64_t f, const Status& s) {
   counters_.errors.fetch_add(1, std::memory_order_relaxed);
+  // Reported before the failure is published, so whoever learns of it
+  // (a Pin, a SIGBUS handler) finds the callback already run.
+  if (config_.on_error) config_.on_error(s);
   {
     std::lock_guard<std::mutex> lock(mu_);
     inflight_bytes_ -= FramePage(f);
@@ -716,7 +733,6 @@ void Engine::InstallFailed(uint64_t f, const Status& s) {
   } else {
     FutexWakeAll(&frames_[f].state);
   }
-  if (config_.on_error) config_.on_error(s);
 }
 
 // ---- hints ----
@@ -761,15 +777,35 @@ Status Engine::Pin(uint32_t t) {
     pinned_bytes_ += bytes;
     for (uint64_t k = 0; k < ts.frames; k++) frames_[ts.first_frame + k].pins++;
   }
-  // Touch every frame: the faults load them; pinned frames are never evicted.
-  volatile const std::byte* p = ts.base;
-  for (uint64_t k = 0; k < ts.frames; k++) {
-    if (frames_[ts.first_frame + k].state.load() == kError) {
-      Unpin(t);
-      return Status::Error(EIO, "tensor '%.64s' frame %llu cannot be read", ts.info->name.c_str(),
-                           static_cast<unsigned long long>(k));
+  // Have the workers load every frame as a demand load (never touched from
+  // here: a bad frame must be an error, not SIGBUS in the caller), then wait
+  // until each is resident or failed. Pinned frames are never evicted.
+  std::unique_lock<std::mutex> lock(mu_);
+  bool was_empty = forced_q_.empty();
+  for (uint64_t k = 0; k < ts.frames; k++)
+    if (frames_[ts.first_frame + k].state.load() == kAbsent) forced_q_.push_back(ts.first_frame + k);
+  if (was_empty && !forced_q_.empty()) Wake();
+  int64_t bad = -1;
+  loaded_cv_.wait(lock, [&] {
+    for (uint64_t k = 0; k < ts.frames; k++) {
+      uint32_t st = frames_[ts.first_frame + k].state.load();
+      if (st == kError) {
+        bad = static_cast<int64_t>(k);
+        return true;
+      }
+      if (st == kAbsent && forced_q_.empty()) {  // defensive: never wait on a frame nobody loads
+        forced_q_.push_back(ts.first_frame + k);
+        Wake();
+      }
+      if (st != kResident) return false;
     }
-    (void)p[k * ts.page];
+    return true;
+  });
+  lock.unlock();
+  if (bad >= 0) {
+    Unpin(t);
+    return Status::Error(EIO, "tensor '%.64s' frame %lld cannot be read", ts.info->name.c_str(),
+                         static_cast<long long>(bad));
   }
   return Status::Ok();
 }

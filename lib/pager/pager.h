@@ -176,6 +176,7 @@ class Engine {
   std::vector<uint32_t> recorded_;
   std::vector<bool> recorded_seen_;
   std::deque<uint64_t> prefetch_q_;
+  std::deque<uint64_t> forced_q_;  // frames Pin needs loaded
   std::vector<uint64_t> evict_batch_, evict_one_;  // reused: no allocation per eviction
 
   // Service threads.
