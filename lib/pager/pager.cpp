@@ -25,7 +25,6 @@ namespace faultline::internal {
 namespace {
 
 constexpr unsigned kBatch = 8;          // frames one worker loads at once
-constexpr size_t kMaxPrefetchQueue = 8192;
 
 uint64_t NowNs() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -88,6 +87,7 @@ Status Engine::Start() {
   if (max_page_ == 0) max_page_ = kMinPageSize;
   reserve_len_ = std::max<uint64_t>(AlignUp(cur, kAlign), kAlign);
   frames_ = std::make_unique<Frame[]>(frame_count_);
+  resident_.reserve(frame_count_);  // no growth while serving faults
   for (uint32_t t = 0; t < tensors_.size(); t++)
     for (uint64_t k = 0; k < tensors_[t].frames; k++) {
       frames_[tensors_[t].first_frame + k].tensor = t;
@@ -293,8 +293,7 @@ void Engine::WorkerLoop(Worker* w) {
       std::unique_lock<std::mutex> lock(mu_);
       // Loads that must happen (Pin): demand semantics, budget permitting or not.
       while (w->loads.size() < kBatch && !forced_q_.empty()) {
-        uint64_t f = forced_q_.front();
-        forced_q_.pop_front();
+        uint64_t f = forced_q_.Pop();
         if (frames_[f].state.load(std::memory_order_acquire) != kAbsent) continue;
         ReserveLocked(f, false, lock);
         uint32_t expected = kAbsent;
@@ -306,8 +305,7 @@ void Engine::WorkerLoop(Worker* w) {
         }
       }
       while (w->loads.size() < kBatch && !prefetch_q_.empty()) {
-        uint64_t f = prefetch_q_.front();
-        prefetch_q_.pop_front();
+        uint64_t f = prefetch_q_.Pop();
         // Reserve before claiming: a claimed frame is never given back, or a
         // thread that faulted on it meanwhile would wait for nobody.
         if (frames_[f].state.load(std::memory_order_acquire) != kAbsent) continue;
@@ -325,33 +323,30 @@ void Engine::WorkerLoop(Worker* w) {
   }
 }
 
-void Engine::HandleFaultAddress(Worker* w, uintptr_t addr, uint32_t ptid, std::vector<Load>& loads) {
-  auto a = reinterpret_cast<std::byte*>(addr);
-  if (a < view_ || a >= view_ + reserve_len_) {
-    // A pool address: never touched by design; unblock with zeros.
-    if (uffd_ && pool_) {
-      static const std::byte zeros[4096] = {};
-      uffd_->Copy(reinterpret_cast<void*>(addr & ~uintptr_t{4095}), zeros, 4096);
-    }
-    return;
-  }
+int64_t Engine::FrameAt(const void* addr) const noexcept {
+  auto a = static_cast<const std::byte*>(addr);
+  if (a < view_ || a >= view_ + reserve_len_) return -1;
   uint64_t off = static_cast<uint64_t>(a - view_);
   // The tensor holding `off`: the last one starting at or before it.
   auto it = std::upper_bound(tensors_.begin(), tensors_.end(), off,
                              [](uint64_t o, const TensorSlot& t) { return o < t.offset; });
-  if (it == tensors_.begin()) return;
-  TensorSlot& t = *(it - 1);
+  if (it == tensors_.begin()) return -1;
+  const TensorSlot& t = *(it - 1);
   uint64_t k = (off - t.offset) / t.page;
-  if (k >= t.frames) {
-    // Padding between tensors: nothing to load; give it zeros so the
-    // (out-of-bounds) access does not hang.
-    if (uffd_) {
-      static const std::byte zeros[4096] = {};
-      uffd_->Copy(reinterpret_cast<void*>(addr & ~uintptr_t{4095}), zeros, 4096);
-    }
+  return k < t.frames ? static_cast<int64_t>(t.first_frame + k) : -1;
+}
+
+void Engine::HandleFaultAddress(Worker* w, uintptr_t addr, uint32_t ptid, std::vector<Load>& loads) {
+  int64_t found = FrameAt(reinterpret_cast<const void*>(addr));
+  if (found < 0) {
+    // Padding between tensors or a staging-pool page: nothing to load. Give
+    // the page zeros so that the (out-of-bounds) access does not hang.
+    static const std::byte zeros[4096] = {};
+    if (uffd_) uffd_->Copy(reinterpret_cast<void*>(addr & ~uintptr_t{4095}), zeros, sizeof(zeros));
     return;
   }
-  uint64_t f = t.first_frame + k;
+  const uint64_t f = static_cast<uint64_t>(found);
+  TensorSlot& t = tensors_[frames_[f].tensor];
   counters_.faults.fetch_add(1, std::memory_order_relaxed);
   t.counters.faults.fetch_add(1, std::memory_order_relaxed);
   for (;;) {
@@ -634,9 +629,8 @@ void Engine::ReadaheadLocked(uint64_t f) {
 
 void Engine::QueuePrefetchLocked(uint64_t f) {
   if (frames_[f].state.load(std::memory_order_relaxed) != kAbsent) return;
-  if (prefetch_q_.size() >= kMaxPrefetchQueue) return;
   bool was_empty = prefetch_q_.empty();
-  prefetch_q_.push_back(f);
+  if (!prefetch_q_.Push(f)) return;  // full: readahead is a hint
   if (was_empty) Wake();  // workers that take from the queue wake the next one
 }
 
@@ -781,25 +775,27 @@ Status Engine::Pin(uint32_t t) {
   // here: a bad frame must be an error, not SIGBUS in the caller), then wait
   // until each is resident or failed. Pinned frames are never evicted.
   std::unique_lock<std::mutex> lock(mu_);
-  bool was_empty = forced_q_.empty();
-  for (uint64_t k = 0; k < ts.frames; k++)
-    if (frames_[ts.first_frame + k].state.load() == kAbsent) forced_q_.push_back(ts.first_frame + k);
-  if (was_empty && !forced_q_.empty()) Wake();
+  // Queues the absent frames (as many as the queue takes; the rest when it
+  // has drained) and wakes the workers.
+  auto queue_absent = [&] {
+    for (uint64_t k = 0; k < ts.frames; k++)
+      if (frames_[ts.first_frame + k].state.load() == kAbsent && !forced_q_.Push(ts.first_frame + k)) break;
+    if (!forced_q_.empty()) Wake();
+  };
+  queue_absent();
   int64_t bad = -1;
   loaded_cv_.wait(lock, [&] {
+    bool done = true;
     for (uint64_t k = 0; k < ts.frames; k++) {
       uint32_t st = frames_[ts.first_frame + k].state.load();
       if (st == kError) {
         bad = static_cast<int64_t>(k);
         return true;
       }
-      if (st == kAbsent && forced_q_.empty()) {  // defensive: never wait on a frame nobody loads
-        forced_q_.push_back(ts.first_frame + k);
-        Wake();
-      }
-      if (st != kResident) return false;
+      done = done && st == kResident;
     }
-    return true;
+    if (!done && forced_q_.empty()) queue_absent();
+    return done;
   });
   lock.unlock();
   if (bad >= 0) {
@@ -884,14 +880,9 @@ PagingStats Engine::Stats() const {
 // ---- guard mode: the signal handler's half ----
 
 void Engine::GuardFault(const void* addr) noexcept {
-  uint64_t off = static_cast<uint64_t>(static_cast<const std::byte*>(addr) - view_);
-  auto it = std::upper_bound(tensors_.begin(), tensors_.end(), off,
-                             [](uint64_t o, const TensorSlot& t) { return o < t.offset; });
-  if (it == tensors_.begin()) return;
-  const TensorSlot& t = *(it - 1);
-  uint64_t k = (off - t.offset) / t.page;
-  if (k >= t.frames) return;
-  std::atomic<uint32_t>& state = frames_[t.first_frame + k].state;
+  int64_t f = FrameAt(addr);
+  if (f < 0) return;
+  std::atomic<uint32_t>& state = frames_[f].state;
   uintptr_t req = reinterpret_cast<uintptr_t>(addr);
   for (;;) {
     uint32_t st = state.load(std::memory_order_acquire);

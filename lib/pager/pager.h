@@ -16,7 +16,6 @@
 
 #include <atomic>
 #include <condition_variable>
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -63,6 +62,30 @@ struct TensorSlot {
   TensorCounters counters;
 };
 
+// A bounded FIFO of frame ids in a buffer allocated once, so that queueing
+// readahead on the fault path never allocates. Guarded by Engine::mu_.
+class FrameQueue {
+ public:
+  explicit FrameQueue(size_t capacity) : ring_(capacity) {}
+  bool empty() const noexcept { return count_ == 0; }
+  // False (and nothing queued) when full.
+  bool Push(uint64_t f) noexcept {
+    if (count_ == ring_.size()) return false;
+    ring_[(head_ + count_++) % ring_.size()] = f;
+    return true;
+  }
+  uint64_t Pop() noexcept {
+    uint64_t f = ring_[head_];
+    head_ = (head_ + 1) % ring_.size();
+    count_--;
+    return f;
+  }
+
+ private:
+  std::vector<uint64_t> ring_;
+  size_t head_ = 0, count_ = 0;
+};
+
 class Engine {
  public:
   Engine(std::unique_ptr<BundleReader> reader, const PagingConfig& config);
@@ -86,6 +109,8 @@ class Engine {
   PagingStats Stats() const;
 
   // Guard mode: the SIGSEGV handler's view.
+  // The global frame id holding `addr`, or -1 (outside every tensor). fault path
+  int64_t FrameAt(const void* addr) const noexcept;
   bool Owns(const void* addr) const noexcept {
     auto a = reinterpret_cast<uintptr_t>(addr), b = reinterpret_cast<uintptr_t>(view_);
     return a >= b && a < b + reserve_len_;
@@ -158,7 +183,6 @@ class Engine {
   // regions. populated_ hold pages, holes_ do not, fresh ones were never used.
   std::byte* pool_ = nullptr;
   uint64_t pool_slots_ = 0;
-  uint64_t pool_fresh_ = 0;
   std::vector<int32_t> populated_, holes_;
 
   // Policy state, guarded by mu_.
@@ -175,8 +199,8 @@ class Engine {
   bool recording_ = false;
   std::vector<uint32_t> recorded_;
   std::vector<bool> recorded_seen_;
-  std::deque<uint64_t> prefetch_q_;
-  std::deque<uint64_t> forced_q_;  // frames Pin needs loaded
+  FrameQueue prefetch_q_{8192};
+  FrameQueue forced_q_{8192};  // frames Pin needs loaded
   std::vector<uint64_t> evict_batch_, evict_one_;  // reused: no allocation per eviction
 
   // Service threads.
