@@ -47,8 +47,10 @@ Status CheckLayout(const Header& h, uint64_t real_size) {
 
 // Every frame inside the data area, aligned, with known flags, and no two
 // distinct frames overlapping (deduplicated references share one offset and
-// must agree on length and checksum).
-Status CheckFrames(const Header& h, const std::vector<FrameRecord>& frames) {
+// must agree on length and checksum). Counts the distinct stored frames and
+// their bytes on the way.
+Status CheckFrames(const Header& h, const std::vector<FrameRecord>& frames, uint64_t* unique,
+                   uint64_t* stored) {
   uint64_t data_end = h.data_offset + h.data_length;
   std::vector<uint64_t> order(frames.size());
   for (uint64_t i = 0; i < frames.size(); i++) {
@@ -68,6 +70,8 @@ Status CheckFrames(const Header& h, const std::vector<FrameRecord>& frames) {
   }
   std::sort(order.begin(), order.end(),
             [&](uint64_t a, uint64_t b) { return frames[a].offset < frames[b].offset; });
+  *unique = order.empty() ? 0 : 1;
+  *stored = order.empty() ? 0 : frames[order[0]].stored_length;
   for (size_t k = 1; k < order.size(); k++) {
     const FrameRecord& a = frames[order[k - 1]];
     const FrameRecord& b = frames[order[k]];
@@ -82,6 +86,9 @@ Status CheckFrames(const Header& h, const std::vector<FrameRecord>& frames) {
       return Status::Error(EINVAL, "frame records %llu and %llu overlap",
                            static_cast<unsigned long long>(order[k - 1]),
                            static_cast<unsigned long long>(order[k]));
+    } else {
+      ++*unique;
+      *stored += b.stored_length;
     }
   }
   return Status::Ok();
@@ -259,7 +266,8 @@ Result<std::unique_ptr<BundleReader>> BundleReader::OpenFd(int fd, const ReaderO
   impl->frames.resize(h.frame_count);
   for (uint64_t i = 0; i < h.frame_count; i++)
     impl->frames[i] = DecodeFrameRecord(table.data() + i * kFrameRecordSize);
-  FL_RETURN_IF_ERROR(CheckFrames(h, impl->frames));
+  uint64_t unique_frames = 0, stored_bytes = 0;
+  FL_RETURN_IF_ERROR(CheckFrames(h, impl->frames, &unique_frames, &stored_bytes));
 
   std::string manifest(h.manifest_length, '\0');
   FL_RETURN_IF_ERROR(PreadFull(dup_fd, manifest.data(), manifest.size(), h.manifest_offset, "manifest"));
@@ -268,23 +276,8 @@ Result<std::unique_ptr<BundleReader>> BundleReader::OpenFd(int fd, const ReaderO
   BundleInfo& info = impl->info;
   FL_RETURN_IF_ERROR(ManifestFromJson(manifest, impl->frames, &info));
   info.file_size = size;
-  std::vector<uint64_t> offsets;
-  offsets.reserve(impl->frames.size());
-  for (const auto& r : impl->frames) offsets.push_back(r.offset);
-  std::sort(offsets.begin(), offsets.end());
-  info.unique_frames = info.stored_bytes = 0;
-  for (size_t i = 0; i < offsets.size(); i++) {
-    if (i > 0 && offsets[i] == offsets[i - 1]) continue;
-    info.unique_frames++;
-  }
-  // Stored bytes of unique frames: walk the records once more by offset.
-  std::vector<const FrameRecord*> by_offset;
-  for (const auto& r : impl->frames) by_offset.push_back(&r);
-  std::sort(by_offset.begin(), by_offset.end(),
-            [](const FrameRecord* a, const FrameRecord* b) { return a->offset < b->offset; });
-  for (size_t i = 0; i < by_offset.size(); i++)
-    if (i == 0 || by_offset[i]->offset != by_offset[i - 1]->offset)
-      info.stored_bytes += by_offset[i]->stored_length;
+  info.unique_frames = unique_frames;
+  info.stored_bytes = stored_bytes;
   return std::unique_ptr<BundleReader>(new BundleReader(std::move(impl)));
 }
 
