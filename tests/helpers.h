@@ -88,6 +88,21 @@ inline void WriteFileBytes(const std::string& path, const std::vector<std::byte>
   WriteFileBytes(path, b.data(), b.size());
 }
 
+// Runs `body` in a forked child and returns the child's wait status. The
+// child ends with _exit(body()), so no destructor or atexit handler of the
+// parent's state runs twice. For behaviour that must crash (SIGBUS on a bad
+// page) or that changes process-wide limits (rlimits, seccomp).
+template <typename F>
+int RunInChild(F&& body) {
+  fflush(stdout);
+  fflush(stderr);
+  pid_t child = fork();
+  if (child == 0) _exit(body());
+  int status = 0;
+  waitpid(child, &status, 0);
+  return status;
+}
+
 struct CommandResult {
   int status = -1;  // exit status, or 128 + signal
   std::string out;  // stdout and stderr together

@@ -186,22 +186,18 @@ TEST_CASE("a corrupted frame gives SIGBUS in the thread that touches it; other t
   auto b = PagedBundle::Open(path, c);
   REQUIRE(b.ok());
   auto w = (*b)->model().tensor("layers.0.w");
-  fflush(stdout);
-  pid_t child = fork();
-  if (child == 0) {
+  int status = RunInChild([&]() -> int {
     signal(SIGBUS, SIG_DFL);  // sanitizers catch SIGBUS; the default action is under test
     // The child cannot use the parent's mapping (it is not inherited); it
     // re-opens the bundle and touches the bad frame.
     auto cb = PagedBundle::Open(path, Config(1 << 20));
-    if (!cb.ok()) _exit(3);
+    if (!cb.ok()) return 3;
     auto cw = (*cb)->model().tensor("layers.0.w");
     volatile const std::byte* p = static_cast<const std::byte*>(cw->data());
     (void)p[0];          // frame 0 is fine
     (void)p[65536 + 5];  // frame 1 is not
-    _exit(0);
-  }
-  int status = 0;
-  waitpid(child, &status, 0);
+    return 0;
+  });
   CHECK(WIFSIGNALED(status));
   CHECK(WTERMSIG(status) == SIGBUS);
   // The parent's other tensors and frames are still right.
@@ -399,9 +395,7 @@ TEST_CASE("running out of file descriptors fails the open with a clear error") {
   TempDir dir;
   std::string path = dir / "m.apbundle";
   MakeModel(path);
-  fflush(stdout);
-  pid_t child = fork();
-  if (child == 0) {
+  int status = RunInChild([&]() -> int {
     // Leave exactly one free descriptor: the bundle file opens, nothing
     // after it can.
     int used = CountDir("/proc/self/fd") - 3;
@@ -417,13 +411,11 @@ TEST_CASE("running out of file descriptors fails the open with a clear error") {
     for (int fd; (fd = open("/dev/null", O_RDONLY)) >= 0;) last = fd;
     close(last);  // exactly one descriptor left
     auto b = PagedBundle::Open(path, Config(1 << 20));
-    if (b.ok()) _exit(2);
-    if (b.status().code() != EMFILE) _exit(3);
-    if (strlen(b.status().message()) == 0) _exit(4);
-    _exit(0);
-  }
-  int status = 0;
-  waitpid(child, &status, 0);
+    if (b.ok()) return 2;
+    if (b.status().code() != EMFILE) return 3;
+    if (strlen(b.status().message()) == 0) return 4;
+    return 0;
+  });
   REQUIRE(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 0);
 }
@@ -432,12 +424,10 @@ TEST_CASE("closing a bundle while a thread reads it ends that thread's reads wit
   TempDir dir;
   std::string path = dir / "m.apbundle";
   auto specs = MakeModel(path);
-  fflush(stdout);
-  pid_t child = fork();
-  if (child == 0) {
+  int status = RunInChild([&]() -> int {
     signal(SIGSEGV, SIG_DFL);
     auto b = PagedBundle::Open(path, Config(4 * 65536));
-    if (!b.ok()) _exit(3);
+    if (!b.ok()) return 3;
     std::vector<TensorView> views = (*b)->model().tensors();
     std::atomic<bool> started{false};
     std::thread reader([&] {
@@ -453,10 +443,8 @@ TEST_CASE("closing a bundle while a thread reads it ends that thread's reads wit
     while (!started) usleep(100);
     b->reset();  // close under the reader's feet
     usleep(200 * 1000);
-    _exit(5);  // the reader should have died by now
-  }
-  int status = 0;
-  waitpid(child, &status, 0);
+    _exit(5);  // the reader should have died by now (and is never joined)
+  });
   CHECK(WIFSIGNALED(status));
   if (WIFSIGNALED(status)) CHECK(WTERMSIG(status) == SIGSEGV);
 }
@@ -474,9 +462,7 @@ TEST_CASE("running out of address space fails the open with ENOMEM") {
   TempDir dir;
   std::string path = dir / "m.apbundle";
   MakeModel(path);
-  fflush(stdout);
-  pid_t child = fork();
-  if (child == 0) {
+  int status = RunInChild([&]() -> int {
     // Allow the process what it has now plus 4 MiB: less than the tensors' range.
     std::ifstream in("/proc/self/status");
     std::string line;
@@ -486,12 +472,10 @@ TEST_CASE("running out of address space fails the open with ENOMEM") {
     rlimit lim = {static_cast<rlim_t>(vm_kb * 1024 + (4 << 20)), static_cast<rlim_t>(vm_kb * 1024 + (4 << 20))};
     setrlimit(RLIMIT_AS, &lim);
     auto b = PagedBundle::Open(path, Config(1 << 20));
-    if (b.ok()) _exit(2);
-    if (b.status().code() != ENOMEM && b.status().code() != EAGAIN) _exit(3);
-    _exit(0);
-  }
-  int status = 0;
-  waitpid(child, &status, 0);
+    if (b.ok()) return 2;
+    if (b.status().code() != ENOMEM && b.status().code() != EAGAIN) return 3;
+    return 0;
+  });
   REQUIRE(WIFEXITED(status));
   CHECK(WEXITSTATUS(status) == 0);
 #endif
@@ -501,9 +485,7 @@ TEST_CASE("where seccomp forbids userfaultfd, auto mode falls back to guard page
   TempDir dir;
   std::string path = dir / "m.apbundle";
   auto specs = MakeModel(path);
-  fflush(stdout);
-  pid_t child = fork();
-  if (child == 0) {
+  int status = RunInChild([&]() -> int {
     // Deny userfaultfd(2) and the /dev/userfaultfd ioctl with EPERM.
     sock_filter filter[] = {
         BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
@@ -517,23 +499,21 @@ TEST_CASE("where seccomp forbids userfaultfd, auto mode falls back to guard page
     };
     sock_fprog prog = {static_cast<unsigned short>(sizeof(filter) / sizeof(filter[0])), filter};
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
-      _exit(77);
+      return 77;
     PagingConfig c = Config(4 * 65536);
     c.mode = PagingMode::kAuto;
     auto b = PagedBundle::Open(path, c);
-    if (!b.ok()) _exit(2);
-    if ((*b)->mode() != PagingMode::kGuard) _exit(3);
+    if (!b.ok()) return 2;
+    if ((*b)->mode() != PagingMode::kGuard) return 3;
     for (const auto& s : specs) {
       auto t = (*b)->model().tensor(s.name);
-      if (!s.data.empty() && memcmp(t->data(), s.data.data(), s.data.size()) != 0) _exit(4);
+      if (!s.data.empty() && memcmp(t->data(), s.data.data(), s.data.size()) != 0) return 4;
     }
     c.mode = PagingMode::kUffd;  // asked for explicitly: an error, not a fallback
     auto u = PagedBundle::Open(path, c);
-    if (u.ok() || u.status().code() != EPERM) _exit(5);
-    _exit(0);
-  }
-  int status = 0;
-  waitpid(child, &status, 0);
+    if (u.ok() || u.status().code() != EPERM) return 5;
+    return 0;
+  });
   REQUIRE(WIFEXITED(status));
   if (WEXITSTATUS(status) != 77) CHECK(WEXITSTATUS(status) == 0);
 }
