@@ -62,6 +62,19 @@ uint64_t SumWords(const void* p, uint64_t bytes) {
   return s;
 }
 
+// Median and p99 of a measured and a baseline latency sample (µs), and their ratios.
+void ReportLatencies(benchmark::State& state, const std::string& name, std::vector<double>& us,
+                     const std::string& base, std::vector<double>& base_us) {
+  double p50 = Quantile(us, 0.5), p99 = Quantile(us, 0.99);
+  double b50 = Quantile(base_us, 0.5), b99 = Quantile(base_us, 0.99);
+  state.counters[name + "_p50_us"] = p50;
+  state.counters[name + "_p99_us"] = p99;
+  state.counters[base + "_p50_us"] = b50;
+  state.counters[base + "_p99_us"] = b99;
+  state.counters["p50_ratio_vs_" + base] = b50 > 0 ? p50 / b50 : 0;
+  state.counters["p99_ratio_vs_" + base] = b99 > 0 ? p99 / b99 : 0;
+}
+
 PagingConfig BenchConfig(uint64_t budget, EvictionPolicy policy = EvictionPolicy::kLru) {
   PagingConfig c = PagingConfig::FromEnvironment();
   c.max_resident = budget;
@@ -168,14 +181,7 @@ void BM_Random(benchmark::State& state) {
     state.ResumeTiming();
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kAccesses));
-  double p50 = Quantile(paged_us, 0.5), p99 = Quantile(paged_us, 0.99);
-  double m50 = Quantile(mmap_us, 0.5), m99 = Quantile(mmap_us, 0.99);
-  state.counters["paged_p50_us"] = p50;
-  state.counters["paged_p99_us"] = p99;
-  state.counters["mmap_p50_us"] = m50;
-  state.counters["mmap_p99_us"] = m99;
-  state.counters["p50_ratio_vs_mmap"] = p50 / m50;
-  state.counters["p99_ratio_vs_mmap"] = p99 / m99;
+  ReportLatencies(state, "paged", paged_us, "mmap", mmap_us);
 }
 BENCHMARK(BM_Random)->Arg(4096)->Arg(65536)->Unit(benchmark::kMillisecond)->Iterations(1);
 
@@ -322,13 +328,7 @@ void BM_FaultLatency(benchmark::State& state) {
     raw_us.insert(raw_us.end(), r.begin(), r.end());
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * kFaults));
-  double e50 = Quantile(engine_us, 0.5), e99 = Quantile(engine_us, 0.99);
-  double r50 = Quantile(raw_us, 0.5), r99 = Quantile(raw_us, 0.99);
-  state.counters["engine_p50_us"] = e50;
-  state.counters["engine_p99_us"] = e99;
-  state.counters["raw_uffd_p50_us"] = r50;
-  state.counters["raw_uffd_p99_us"] = r99;
-  state.counters["p50_ratio_vs_raw"] = r50 > 0 ? e50 / r50 : 0;
+  ReportLatencies(state, "engine", engine_us, "raw_uffd", raw_us);
 }
 BENCHMARK(BM_FaultLatency)->Arg(4096)->Arg(65536)->Unit(benchmark::kMillisecond)->Iterations(1);
 
