@@ -9,7 +9,10 @@
 #include <chrono>
 #include <cstring>
 #include <ctime>
-#include <future>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <unordered_map>
 
 #include "bundle/codec.h"
@@ -184,6 +187,61 @@ ModelBuilder& BundleBuilder::AddModel(std::string name) {
 
 namespace {
 
+// One long-lived thread that runs one job at a time: the write stage of the
+// pack pipeline (a thread per batch would cost more than a small batch).
+class SerialWorker {
+ public:
+  SerialWorker() : thread_([this] { Loop(); }) {}
+  ~SerialWorker() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  // Starts `job`; the previous one must have been waited for.
+  void Submit(std::function<Status()> job) {
+    std::lock_guard<std::mutex> lock(mu_);
+    job_ = std::move(job);
+    busy_ = true;
+    cv_.notify_all();
+  }
+  // Waits for the submitted job (if any) and returns its status.
+  Status Wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return !busy_; });
+    Status s = result_;
+    result_ = Status::Ok();
+    return s;
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [&] { return stop_ || busy_; });
+      if (busy_) {
+        lock.unlock();
+        Status s = job_();
+        lock.lock();
+        result_ = s;
+        busy_ = false;
+        cv_.notify_all();
+      } else if (stop_) {
+        return;
+      }
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::function<Status()> job_;
+  Status result_;
+  bool busy_ = false, stop_ = false;
+  std::thread thread_;  // last: started once the state above exists
+};
+
 // The write half of Build: owns the file position, the frame table and the
 // dedup index.
 class FrameWriter {
@@ -198,6 +256,7 @@ class FrameWriter {
  private:
   int fd_;
   ThreadPool& pool_;
+  SerialWorker writer_;
   const BuildOptions& opts_;
   uint64_t total_, done_ = 0;
   uint64_t pos_ = kHeaderSize;
@@ -273,7 +332,7 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
     return Status::Ok();
   };
 
-  std::future<Status> pending;
+  bool pending = false;
   Status status;
   for (uint64_t b0 = 0, k = 0; b0 < t.frame_count && status.ok(); b0 += batch, k++) {
     Batch& b = bufs[k % 2];
@@ -299,14 +358,16 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
       s.status = r.ok() ? Status::Ok() : r.status();
       s.stored = r.ok() ? r.value() : 0;
     });
-    if (pending.valid()) status = pending.get();
+    if (pending) status = writer_.Wait();
+    pending = false;
     if (!status.ok()) break;
-    pending = std::async(std::launch::async, [&write_batch, &b] { return write_batch(b); });
+    writer_.Submit([&write_batch, &b] { return write_batch(b); });
+    pending = true;
     done_ += b.len;
     if (opts_.progress) opts_.progress(done_, total_);
   }
-  if (pending.valid()) {
-    Status last = pending.get();
+  if (pending) {
+    Status last = writer_.Wait();
     if (status.ok()) status = last;
   }
   return status;
