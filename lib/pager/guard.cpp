@@ -54,7 +54,7 @@ void Handler(int sig, siginfo_t* info, void* uctx) {
     for (int i = 0; i < kMaxEngines; i++) {
       Engine* e = g_engines[i].load(std::memory_order_acquire);
       if (e && g_pids[i].load(std::memory_order_relaxed) == self && e->Owns(info->si_addr)) {
-        e->GuardFault(info->si_addr);
+        if (!e->GuardFault(info->si_addr)) break;
         errno = saved;
         return;
       }

@@ -879,17 +879,17 @@ PagingStats Engine::Stats() const {
 
 // ---- guard mode: the signal handler's half ----
 
-void Engine::GuardFault(const void* addr) noexcept {
+bool Engine::GuardFault(const void* addr) noexcept {
   int64_t f = FrameAt(addr);
-  if (f < 0) return;
+  if (f < 0) return false;  // padding between tensors: an out-of-bounds access
   std::atomic<uint32_t>& state = frames_[f].state;
   uintptr_t req = reinterpret_cast<uintptr_t>(addr);
   for (;;) {
     uint32_t st = state.load(std::memory_order_acquire);
-    if (st == kResident || st == kClosed) return;  // retry the access
+    if (st == kResident || st == kClosed) return true;  // retry the access
     if (st == kError) {
       syscall(SYS_tgkill, getpid(), static_cast<pid_t>(syscall(SYS_gettid)), SIGBUS);
-      return;
+      return true;
     }
     if (st == kAbsent) (void)!write(req_write_.get(), &req, sizeof(req));
     FutexWait(&state, st, 50 * 1000 * 1000);

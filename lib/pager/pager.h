@@ -115,7 +115,9 @@ class Engine {
     auto a = reinterpret_cast<uintptr_t>(addr), b = reinterpret_cast<uintptr_t>(view_);
     return a >= b && a < b + reserve_len_;
   }
-  void GuardFault(const void* addr) noexcept;  // fault path, in a signal handler
+  // Serves a guard-mode fault; false when `addr` is in no tensor (the
+  // handler then treats it as any other SIGSEGV). fault path, in a signal handler
+  bool GuardFault(const void* addr) noexcept;
 
  private:
   struct Load {
