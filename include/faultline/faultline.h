@@ -165,6 +165,45 @@ typedef struct faultline_paging_stats {
 
 int faultline_paged_stats(const faultline_paged* paged, faultline_paging_stats* out);
 
+/* ---- GPU tier (CUDA managed memory; see faultline/cuda.hpp) ----
+ * Without CUDA or a device, faultline_device_open fails with -ENOTSUP.
+ * Streams are cudaStream_t passed as void* (NULL = the default stream). */
+typedef struct faultline_device faultline_device;
+enum faultline_eviction { FAULTLINE_EVICT_TO_HOST = 0, FAULTLINE_EVICT_DISCARD };
+typedef struct faultline_device_config {
+  size_t struct_size;      /* sizeof(faultline_device_config) */
+  int device;
+  uint64_t gpu_budget;     /* bytes on the GPU; 0 = half the free device memory */
+  uint64_t host_budget;    /* bytes of decoded host copies; 0 = no limit */
+  unsigned lookahead;      /* plan steps prefetched ahead */
+  int eviction;            /* enum faultline_eviction */
+  int read_mostly;         /* non-zero: cudaMemAdviseSetReadMostly on every tensor */
+  int monitor;             /* non-zero: watch memory pressure */
+  double offload, emergency, reload;  /* thresholds (fractions), GPU and host */
+  int direct_host;         /* non-zero: pager pointers instead of managed memory (HMM) */
+} faultline_device_config;
+void faultline_device_config_init(faultline_device_config* config);
+int faultline_device_open(const char* path, const faultline_device_config* config, faultline_device** out);
+void faultline_device_close(faultline_device* device);
+/* The tensor's device-usable pointer (model NULL = the first model). */
+void* faultline_device_tensor(faultline_device* device, const char* model, const char* tensor, uint64_t* size);
+/* One plan step per prefix of tensor names. */
+int faultline_device_set_plan(faultline_device* device, const char* model, const char* const* prefixes,
+                              size_t count);
+/* Step `step` is usable by work queued on `stream` after begin returns;
+ * end says that work has been queued. */
+int faultline_device_begin(faultline_device* device, size_t step, void* stream);
+int faultline_device_end(faultline_device* device, size_t step, void* stream);
+typedef struct faultline_device_counters {
+  size_t struct_size;
+  uint32_t version;        /* 1 */
+  uint64_t to_device, bytes_to_device, to_host, bytes_to_host, discards, bytes_discarded;
+  uint64_t decodes, bytes_decoded, errors;
+  uint64_t device_resident, peak_device_resident, host_resident, gpu_budget;
+  uint64_t offloads, emergencies, reloads, host_drops;
+} faultline_device_counters;
+int faultline_device_stats(const faultline_device* device, faultline_device_counters* out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -8,6 +8,7 @@
 #include <new>
 
 #include "faultline/bundle.hpp"
+#include "faultline/cuda.hpp"
 #include "faultline/paging.hpp"
 
 using namespace faultline;
@@ -18,6 +19,10 @@ struct faultline_reader {
 
 struct faultline_paged {
   std::unique_ptr<PagedBundle> bundle;
+};
+
+struct faultline_device {
+  std::unique_ptr<cuda::DeviceBundle> bundle;
 };
 
 struct faultline_builder {
@@ -66,7 +71,7 @@ const TensorInfo* Tensor(const faultline_reader* r, int model, int tensor) {
 extern "C" {
 
 const char* faultline_version(void) { return Version(); }
-int faultline_has_cuda(void) { return 0; }
+int faultline_has_cuda(void) { return cuda::Available() ? 1 : 0; }
 const char* faultline_last_error(void) { return t_last_error; }
 
 int faultline_reader_open(const char* path, faultline_reader** out) {
@@ -339,6 +344,126 @@ int faultline_paged_stats(const faultline_paged* p, faultline_paging_stats* out)
   full.latency_p90_us = s.fault_latency.p90_us;
   full.latency_p99_us = s.fault_latency.p99_us;
   full.latency_max_us = s.fault_latency.max_us;
+  memcpy(out, &full, std::min(out->struct_size, sizeof(full)));
+  return 0;
+}
+
+/* ---- GPU tier ---- */
+
+void faultline_device_config_init(faultline_device_config* c) {
+  if (!c) return;
+  cuda::DeviceConfig d = cuda::DeviceConfig::FromEnvironment();
+  memset(c, 0, sizeof(*c));
+  c->struct_size = sizeof(*c);
+  c->device = d.device;
+  c->gpu_budget = d.gpu_budget;
+  c->host_budget = d.host_budget;
+  c->lookahead = d.lookahead;
+  c->eviction = d.eviction == cuda::Eviction::kDiscard ? FAULTLINE_EVICT_DISCARD : FAULTLINE_EVICT_TO_HOST;
+  c->read_mostly = d.advice.read_mostly;
+  c->monitor = d.monitor.enabled;
+  c->offload = d.monitor.gpu.offload;
+  c->emergency = d.monitor.gpu.emergency;
+  c->reload = d.monitor.gpu.reload;
+  c->direct_host = d.direct_host;
+}
+
+int faultline_device_open(const char* path, const faultline_device_config* c, faultline_device** out) {
+  if (!path || !out) return Fail(EINVAL, "path and out must not be NULL");
+  cuda::DeviceConfig cfg = cuda::DeviceConfig::FromEnvironment();
+  if (c) {
+    if (c->struct_size < sizeof(faultline_device_config)) return Fail(EINVAL, "config struct_size too small");
+    if (c->eviction != FAULTLINE_EVICT_TO_HOST && c->eviction != FAULTLINE_EVICT_DISCARD)
+      return Fail(EINVAL, "unknown eviction");
+    cfg.device = c->device;
+    cfg.gpu_budget = c->gpu_budget;
+    cfg.host_budget = c->host_budget;
+    cfg.lookahead = c->lookahead;
+    cfg.eviction = c->eviction == FAULTLINE_EVICT_DISCARD ? cuda::Eviction::kDiscard : cuda::Eviction::kToHost;
+    cfg.advice.read_mostly = c->read_mostly != 0;
+    cfg.monitor.enabled = c->monitor != 0;
+    for (cuda::Thresholds* t : {&cfg.monitor.gpu, &cfg.monitor.host}) {
+      t->offload = c->offload;
+      t->emergency = c->emergency;
+      t->reload = c->reload;
+    }
+    cfg.direct_host = c->direct_host != 0;
+  }
+  return Guard([&] {
+    auto r = cuda::DeviceBundle::Open(path, cfg);
+    if (!r.ok()) return Fail(r.status());
+    *out = new faultline_device{std::move(r).value()};
+    return 0;
+  });
+}
+
+void faultline_device_close(faultline_device* d) { delete d; }
+
+void* faultline_device_tensor(faultline_device* d, const char* model, const char* tensor, uint64_t* size) {
+  if (!d || !tensor) {
+    Fail(EINVAL, "NULL argument");
+    errno = EINVAL;
+    return nullptr;
+  }
+  auto t = d->bundle->tensor(model ? model : "", tensor);
+  if (!t.ok()) {
+    Fail(t.status());
+    errno = t.status().code();
+    return nullptr;
+  }
+  if (size) *size = t->size();
+  return t->data;
+}
+
+int faultline_device_set_plan(faultline_device* d, const char* model, const char* const* prefixes, size_t count) {
+  if (!d || (!prefixes && count)) return Fail(EINVAL, "NULL argument");
+  return Guard([&] {
+    std::vector<std::string> p;
+    for (size_t i = 0; i < count; i++) {
+      if (!prefixes[i]) return Fail(EINVAL, "NULL prefix");
+      p.emplace_back(prefixes[i]);
+    }
+    Status s = d->bundle->SetPlan(model ? model : "", p);
+    return s.ok() ? 0 : Fail(s);
+  });
+}
+
+int faultline_device_begin(faultline_device* d, size_t step, void* stream) {
+  if (!d) return Fail(EINVAL, "NULL argument");
+  Status s = d->bundle->Begin(step, stream);
+  return s.ok() ? 0 : Fail(s);
+}
+
+int faultline_device_end(faultline_device* d, size_t step, void* stream) {
+  if (!d) return Fail(EINVAL, "NULL argument");
+  d->bundle->End(step, stream);
+  return 0;
+}
+
+int faultline_device_stats(const faultline_device* d, faultline_device_counters* out) {
+  if (!d || !out) return Fail(EINVAL, "NULL argument");
+  if (out->struct_size < offsetof(faultline_device_counters, to_device)) return Fail(EINVAL, "stats struct_size too small");
+  cuda::DeviceStats s = d->bundle->stats();
+  faultline_device_counters full = {};
+  full.struct_size = out->struct_size;
+  full.version = 1;
+  full.to_device = s.to_device;
+  full.bytes_to_device = s.bytes_to_device;
+  full.to_host = s.to_host;
+  full.bytes_to_host = s.bytes_to_host;
+  full.discards = s.discards;
+  full.bytes_discarded = s.bytes_discarded;
+  full.decodes = s.decodes;
+  full.bytes_decoded = s.bytes_decoded;
+  full.errors = s.errors;
+  full.device_resident = s.device_resident;
+  full.peak_device_resident = s.peak_device_resident;
+  full.host_resident = s.host_resident;
+  full.gpu_budget = s.gpu_budget;
+  full.offloads = s.offloads;
+  full.emergencies = s.emergencies;
+  full.reloads = s.reloads;
+  full.host_drops = s.host_drops;
   memcpy(out, &full, std::min(out->struct_size, sizeof(full)));
   return 0;
 }

@@ -4,9 +4,12 @@
 #include <sys/auxv.h>
 
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+
+#include "faultline/size.hpp"
 
 namespace faultline::internal {
 
@@ -20,6 +23,16 @@ constexpr OptionSpec kOptions[] = {
     {"FAULTLINE_WORKERS", "integer", "cores", "fault-service threads"},
     {"FAULTLINE_SHOW_STATS", "flag", "0", "print paging statistics when a bundle is closed or at exit"},
     {"FAULTLINE_VERBOSE", "flag", "0", "say on stderr which mode and features are in use"},
+    {"FAULTLINE_GPU_BUDGET", "size", "half the free GPU memory", "bytes of tensors on the GPU"},
+    {"FAULTLINE_GPU_HOST_BUDGET", "size", "no limit", "bytes of decoded host copies of GPU-tier tensors"},
+    {"FAULTLINE_GPU_LOOKAHEAD", "integer", "2", "plan steps prefetched to the GPU ahead of the current one"},
+    {"FAULTLINE_GPU_EVICT", "host|discard", "host", "where tensors leaving the GPU go"},
+    {"FAULTLINE_GPU_READ_MOSTLY", "flag", "1", "advise read-mostly on every tensor"},
+    {"FAULTLINE_GPU_MONITOR", "flag", "1", "watch GPU and host memory and move tensors between tiers"},
+    {"FAULTLINE_GPU_OFFLOAD", "fraction", "0.85", "memory use above which the coldest tensors move down a tier"},
+    {"FAULTLINE_GPU_EMERGENCY", "fraction", "0.95", "memory use above which all idle tensors move down a tier"},
+    {"FAULTLINE_GPU_RELOAD", "fraction", "0.70", "memory use below which the full GPU budget is restored"},
+    {"FAULTLINE_GPU_DIRECT", "flag", "0", "give kernels the pager's host pointers (needs HMM)"},
 };
 static_assert(sizeof(kOptions) / sizeof(kOptions[0]) == static_cast<int>(OptionId::kCount));
 
@@ -42,12 +55,44 @@ void WarnBadOption(OptionId id, const char* value, const char* what) noexcept {
 }
 
 bool OptionFlag(OptionId id) noexcept {
+  bool b = false;
+  OptionFlag(id, &b);
+  return b;
+}
+
+void OptionFlag(OptionId id, bool* out) noexcept {
   const char* v = OptionValue(id);
-  if (!v) return false;
-  if (!strcmp(v, "1") || !strcasecmp(v, "true") || !strcasecmp(v, "yes") || !strcasecmp(v, "on")) return true;
-  if (strcmp(v, "0") && strcasecmp(v, "false") && strcasecmp(v, "no") && strcasecmp(v, "off"))
-    WarnBadOption(id, v, "a flag (1/0)");
-  return false;
+  if (!v) return;
+  if (!strcmp(v, "1") || !strcasecmp(v, "true") || !strcasecmp(v, "yes") || !strcasecmp(v, "on")) *out = true;
+  else if (!strcmp(v, "0") || !strcasecmp(v, "false") || !strcasecmp(v, "no") || !strcasecmp(v, "off")) *out = false;
+  else WarnBadOption(id, v, "a flag (1/0)");
+}
+
+void OptionUnsigned(OptionId id, unsigned max, unsigned* out) noexcept {
+  const char* v = OptionValue(id);
+  if (!v) return;
+  char* end = nullptr;
+  errno = 0;
+  unsigned long n = strtoul(v, &end, 10);
+  if (*v >= '0' && *v <= '9' && *end == '\0' && errno == 0 && n <= max) *out = static_cast<unsigned>(n);
+  else WarnBadOption(id, v, "an integer in range");
+}
+
+void OptionSize(OptionId id, uint64_t* out) noexcept {
+  const char* v = OptionValue(id);
+  if (!v) return;
+  uint64_t b;
+  if (ParseSize(v, &b) && b > 0) *out = b;
+  else WarnBadOption(id, v, "a size such as 512M");
+}
+
+void OptionFraction(OptionId id, double* out) noexcept {
+  const char* v = OptionValue(id);
+  if (!v) return;
+  char* end = nullptr;
+  double d = strtod(v, &end);
+  if (end != v && *end == '\0' && d > 0 && d <= 1) *out = d;
+  else WarnBadOption(id, v, "a fraction in (0, 1]");
 }
 
 }  // namespace faultline::internal

@@ -8,7 +8,13 @@
 
 namespace faultline::internal {
 
-enum class OptionId : int { kBudget, kPolicy, kMode, kPrefetch, kWorkers, kShowStats, kVerbose, kCount };
+enum class OptionId : int {
+  kBudget, kPolicy, kMode, kPrefetch, kWorkers, kShowStats, kVerbose,
+  // The GPU tier (include/faultline/cuda.hpp).
+  kGpuBudget, kGpuHostBudget, kGpuLookahead, kGpuEvict, kGpuReadMostly, kGpuMonitor,
+  kGpuOffload, kGpuEmergency, kGpuReload, kGpuDirect,
+  kCount
+};
 
 struct OptionSpec {
   const char* name;
@@ -22,7 +28,12 @@ const OptionSpec& Option(OptionId id) noexcept;
 const char* OptionValue(OptionId id) noexcept;
 // Warns once per option: "faultline: FAULTLINE_X=value is not <what>; using the default".
 void WarnBadOption(OptionId id, const char* value, const char* what) noexcept;
-// A flag option: "1", "true", "yes" or "on".
+// A flag option: "1", "true", "yes" or "on" (false when unset or bad).
 bool OptionFlag(OptionId id) noexcept;
+// Typed readers: leave *out alone when unset; warn and leave it when bad.
+void OptionFlag(OptionId id, bool* out) noexcept;
+void OptionUnsigned(OptionId id, unsigned max, unsigned* out) noexcept;
+void OptionSize(OptionId id, uint64_t* out) noexcept;  // > 0, K/M/G suffixes
+void OptionFraction(OptionId id, double* out) noexcept;  // in (0, 1]
 
 }  // namespace faultline::internal

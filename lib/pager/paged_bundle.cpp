@@ -35,11 +35,7 @@ const char* EvictionPolicyName(EvictionPolicy p) noexcept {
 
 PagingConfig PagingConfig::FromEnvironment() {
   PagingConfig c;
-  if (const char* v = OptionValue(OptionId::kBudget)) {
-    uint64_t b;
-    if (ParseSize(v, &b) && b > 0) c.max_resident = b;
-    else WarnBadOption(OptionId::kBudget, v, "a size such as 512M");
-  }
+  OptionSize(OptionId::kBudget, &c.max_resident);
   if (const char* v = OptionValue(OptionId::kPolicy)) {
     if (!strcmp(v, "lru")) c.policy = EvictionPolicy::kLru;
     else if (!strcmp(v, "lfu")) c.policy = EvictionPolicy::kLfu;
@@ -53,16 +49,8 @@ PagingConfig PagingConfig::FromEnvironment() {
     else if (!strcmp(v, "mmap")) c.mode = PagingMode::kMmap;
     else WarnBadOption(OptionId::kMode, v, "auto, uffd, guard or mmap");
   }
-  auto number = [](OptionId id, unsigned max, unsigned* out) {
-    if (const char* v = OptionValue(id)) {
-      char* end = nullptr;
-      unsigned long n = strtoul(v, &end, 10);
-      if (*v >= '0' && *v <= '9' && *end == '\0' && n <= max) *out = static_cast<unsigned>(n);
-      else WarnBadOption(id, v, "an integer in range");
-    }
-  };
-  number(OptionId::kPrefetch, 4096, &c.prefetch_depth);
-  number(OptionId::kWorkers, 64, &c.workers);
+  OptionUnsigned(OptionId::kPrefetch, 4096, &c.prefetch_depth);
+  OptionUnsigned(OptionId::kWorkers, 64, &c.workers);
   return c;
 }
 

@@ -2,6 +2,7 @@
 // convention (-errno, NULL+errno, faultline_last_error).
 #include <doctest/doctest.h>
 
+#include "faultline/cuda.hpp"
 #include "faultline/faultline.h"
 #include "helpers.h"
 
@@ -80,7 +81,25 @@ TEST_CASE("C ABI errors are -errno with a message, never a crash") {
   CHECK(std::string(faultline_last_error()).find("dtype and shape need 16") != std::string::npos);
   faultline_builder_free(b);
   CHECK(std::string(faultline_version()) == "0.1.0");
-  CHECK(faultline_has_cuda() == 0);
+  CHECK(faultline_has_cuda() == (faultline::cuda::Available() ? 1 : 0));
+}
+
+TEST_CASE("without a usable GPU the GPU tier says why instead of failing later") {
+  if (faultline::cuda::Available()) return;  // tests/cuda covers the device
+  TempDir dir;
+  faultline_device* d = nullptr;
+  faultline_device_config c;
+  faultline_device_config_init(&c);
+  CHECK(c.struct_size == sizeof c);
+  CHECK(c.lookahead == 2);
+  CHECK(faultline_device_open((dir / "any.apbundle").c_str(), &c, &d) == -ENOTSUP);
+  CHECK(d == nullptr);
+  CHECK(std::string(faultline_last_error()).size() > 0);
+  auto r = faultline::cuda::DeviceBundle::Open(dir / "any.apbundle");
+  CHECK(r.status().code() == ENOTSUP);
+  CHECK_FALSE(faultline::cuda::Describe().empty());
+  c.eviction = 7;
+  CHECK(faultline_device_open("x", &c, &d) == -EINVAL);
 }
 
 TEST_CASE("the C ABI maps a bundle for demand paging and reports its statistics") {
@@ -128,4 +147,31 @@ TEST_CASE("the C ABI maps a bundle for demand paging and reports its statistics"
   REQUIRE(faultline_paged_stats(p, reinterpret_cast<faultline_paging_stats*>(&old)) == 0);
   CHECK(old.faults == st.faults);
   faultline_paged_close(p);
+}
+
+TEST_CASE("GPU tier options come from the environment; bad values keep the defaults") {
+  setenv("FAULTLINE_GPU_BUDGET", "1G", 1);
+  setenv("FAULTLINE_GPU_LOOKAHEAD", "3", 1);
+  setenv("FAULTLINE_GPU_EVICT", "discard", 1);
+  setenv("FAULTLINE_GPU_READ_MOSTLY", "0", 1);
+  setenv("FAULTLINE_GPU_OFFLOAD", "0.5", 1);
+  setenv("FAULTLINE_GPU_RELOAD", "0.25", 1);
+  auto c = faultline::cuda::DeviceConfig::FromEnvironment();
+  CHECK(c.gpu_budget == (1ull << 30));
+  CHECK(c.lookahead == 3);
+  CHECK(c.eviction == faultline::cuda::Eviction::kDiscard);
+  CHECK_FALSE(c.advice.read_mostly);
+  CHECK(c.monitor.gpu.offload == 0.5);
+  CHECK(c.monitor.host.reload == 0.25);
+  CHECK(c.monitor.gpu.emergency == 0.95);
+  setenv("FAULTLINE_GPU_BUDGET", "lots", 1);
+  setenv("FAULTLINE_GPU_EVICT", "somewhere", 1);
+  setenv("FAULTLINE_GPU_OFFLOAD", "1.5", 1);
+  c = faultline::cuda::DeviceConfig::FromEnvironment();
+  CHECK(c.gpu_budget == 0);
+  CHECK(c.eviction == faultline::cuda::Eviction::kToHost);
+  CHECK(c.monitor.gpu.offload == 0.85);
+  for (const char* v : {"FAULTLINE_GPU_BUDGET", "FAULTLINE_GPU_LOOKAHEAD", "FAULTLINE_GPU_EVICT",
+                        "FAULTLINE_GPU_READ_MOSTLY", "FAULTLINE_GPU_OFFLOAD", "FAULTLINE_GPU_RELOAD"})
+    unsetenv(v);
 }

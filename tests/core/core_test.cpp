@@ -10,6 +10,7 @@
 #include "faultline/dtype.hpp"
 #include "faultline/size.hpp"
 #include "faultline/status.hpp"
+#include "os/meminfo.h"
 
 using namespace faultline;
 
@@ -120,4 +121,16 @@ TEST_CASE("checked JSON names the field whose type is wrong") {
   auto neg = internal::ParseJsonChecked("{\"size\": -3}", "doc");
   CHECK_FALSE(internal::GetU64(*neg, "size", &v, "obj").ok());
   CHECK_FALSE(internal::ParseJsonChecked("{\"a\": ", "doc").ok());
+}
+
+TEST_CASE("host memory readings are consistent") {
+  faultline::internal::HostMemory m;
+  REQUIRE(faultline::internal::ReadHostMemory(&m));
+  CHECK(m.total > 0);
+  CHECK(m.available <= m.total);
+  double p = m.Pressure();
+  CHECK(p >= 0);
+  CHECK(p <= 1);
+  CHECK(m.Basis() > 0);
+  if (m.cgroup_limit) CHECK(m.cgroup_limit < m.total);
 }
