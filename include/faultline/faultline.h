@@ -165,6 +165,15 @@ typedef struct faultline_paging_stats {
 
 int faultline_paged_stats(const faultline_paged* paged, faultline_paging_stats* out);
 
+/* ---- managed memory (see faultline/alloc.hpp) ----
+ * The process-wide heap: blocks of at least FAULTLINE_THRESHOLD bytes live
+ * under the FAULTLINE_BUDGET resident budget, cold chunks compressed and
+ * spilled to disk; smaller ones, and all of them where userfaultfd is not
+ * allowed, come from malloc. NULL + errno ENOMEM when memory cannot be had. */
+void* faultline_alloc(size_t size);
+void faultline_free(void* p);
+void* faultline_realloc(void* p, size_t size);
+
 /* ---- GPU tier (CUDA managed memory; see faultline/cuda.hpp) ----
  * Without CUDA or a device, faultline_device_open fails with -ENOTSUP.
  * Streams are cudaStream_t passed as void* (NULL = the default stream). */

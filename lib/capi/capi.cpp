@@ -7,6 +7,7 @@
 #include <cstring>
 #include <new>
 
+#include "faultline/alloc.hpp"
 #include "faultline/bundle.hpp"
 #include "faultline/cuda.hpp"
 #include "faultline/paging.hpp"
@@ -347,6 +348,12 @@ int faultline_paged_stats(const faultline_paged* p, faultline_paging_stats* out)
   memcpy(out, &full, std::min(out->struct_size, sizeof(full)));
   return 0;
 }
+
+/* ---- managed memory ---- */
+
+void* faultline_alloc(size_t size) { return Allocate(size); }
+void faultline_free(void* p) { Free(p); }
+void* faultline_realloc(void* p, size_t size) { return Reallocate(p, size); }
 
 /* ---- GPU tier ---- */
 

@@ -35,8 +35,12 @@ Status Ring::ReadAll(std::span<ReadOp> ops, const char* what) {
   Status first_error;
   auto queue = [&](size_t i) {
     io_uring_sqe* sqe = io_uring_get_sqe(ring_.get());
-    io_uring_prep_read(sqe, ops[i].fd, static_cast<char*>(ops[i].buf) + done[i],
-                       ops[i].len - done[i], ops[i].offset + done[i]);
+    if (ops[i].write)
+      io_uring_prep_write(sqe, ops[i].fd, static_cast<char*>(ops[i].buf) + done[i], ops[i].len - done[i],
+                          ops[i].offset + done[i]);
+    else
+      io_uring_prep_read(sqe, ops[i].fd, static_cast<char*>(ops[i].buf) + done[i], ops[i].len - done[i],
+                         ops[i].offset + done[i]);
     io_uring_sqe_set_data64(sqe, i);
     in_flight++;
   };
@@ -67,7 +71,7 @@ Status Ring::ReadAll(std::span<ReadOp> ops, const char* what) {
         if (first_error.ok()) {
           first_error = res == 0 ? Status::Error(EIO, "%s: file is truncated at offset %llu", what,
                                                  static_cast<unsigned long long>(ops[i].offset + done[i]))
-                                 : Status::Error(-res, "reading %s at offset %llu", what,
+                                 : Status::Error(-res, "%s %s at offset %llu", ops[i].write ? "writing" : "reading", what,
                                                  static_cast<unsigned long long>(ops[i].offset));
         }
         finished++;
@@ -112,7 +116,8 @@ Status ReadBatch(std::span<ReadOp> ops, const char* what) {
   }
   if (t_ring.ring) return t_ring.ring->ReadAll(ops, what);
   for (auto& op : ops) {
-    Status s = PreadFull(op.fd, op.buf, op.len, op.offset, what);
+    Status s = op.write ? PwriteFull(op.fd, op.buf, op.len, op.offset, what)
+                        : PreadFull(op.fd, op.buf, op.len, op.offset, what);
     if (!s.ok()) return s;
   }
   return Status::Ok();

@@ -21,6 +21,7 @@ struct ReadOp {
   uint64_t offset = 0;
   uint32_t len = 0;
   void* buf = nullptr;
+  bool write = false;  // write buf to the file instead (the spill path)
 };
 
 class Ring {
@@ -32,8 +33,9 @@ class Ring {
   Ring& operator=(const Ring&) = delete;
 
   unsigned depth() const noexcept { return depth_; }
-  // Reads every op fully; keeps at most depth() in flight. A read that hits
-  // end of file or fails gives an error naming `what` and the offset.
+  // Reads (or writes) every op fully; keeps at most depth() in flight. A
+  // read that hits end of file or an op that fails gives an error naming
+  // `what` and the offset.
   Status ReadAll(std::span<ReadOp> ops, const char* what);
 
  private:

@@ -76,6 +76,7 @@ Result<Uffd> Uffd::Open() {
       u.features_.move = (api.features & UFFD_FEATURE_MOVE) != 0;
       u.features_.poison = (api.features & UFFD_FEATURE_POISON) != 0;
       u.features_.thread_id = (api.features & UFFD_FEATURE_THREAD_ID) != 0;
+      u.features_.wp = (api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP) != 0;
       return u;
     }
     // A failed handshake leaves the fd unusable: open a fresh one.
@@ -98,6 +99,16 @@ Status Uffd::RegisterMissing(void* addr, size_t len) {
   return Status::Ok();
 }
 
+Status Uffd::RegisterMissingWp(void* addr, size_t len) {
+  uffdio_register reg = {};
+  reg.range.start = reinterpret_cast<uintptr_t>(addr);
+  reg.range.len = len;
+  reg.mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP;
+  if (ioctl(fd(), UFFDIO_REGISTER, &reg) != 0)
+    return Status::Error(errno, "cannot register %zu bytes with userfaultfd (missing + write-protect)", len);
+  return Status::Ok();
+}
+
 Status Uffd::Unregister(void* addr, size_t len) {
   uffdio_range r = {reinterpret_cast<uintptr_t>(addr), len};
   if (ioctl(fd(), UFFDIO_UNREGISTER, &r) != 0) return Status::Error(errno, "userfaultfd unregister");
@@ -111,6 +122,33 @@ int Uffd::Copy(void* dst, const void* src, size_t len, bool wake) noexcept {
   c.len = len;
   c.mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE;
   if (ioctl(fd(), UFFDIO_COPY, &c) == 0) return 0;
+  return -errno;
+}
+
+int Uffd::CopyWp(void* dst, const void* src, size_t len) noexcept {
+  uffdio_copy c = {};
+  c.dst = reinterpret_cast<uintptr_t>(dst);
+  c.src = reinterpret_cast<uintptr_t>(src);
+  c.len = len;
+  c.mode = UFFDIO_COPY_MODE_WP;
+  if (ioctl(fd(), UFFDIO_COPY, &c) == 0) return 0;
+  return -errno;
+}
+
+int Uffd::ZeroPage(void* addr, size_t len) noexcept {
+  uffdio_zeropage z = {};
+  z.range.start = reinterpret_cast<uintptr_t>(addr);
+  z.range.len = len;
+  if (ioctl(fd(), UFFDIO_ZEROPAGE, &z) == 0) return 0;
+  return -errno;
+}
+
+int Uffd::WriteProtect(void* addr, size_t len, bool protect) noexcept {
+  uffdio_writeprotect w = {};
+  w.range.start = reinterpret_cast<uintptr_t>(addr);
+  w.range.len = len;
+  w.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+  if (ioctl(fd(), UFFDIO_WRITEPROTECT, &w) == 0) return 0;
   return -errno;
 }
 

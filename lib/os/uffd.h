@@ -17,6 +17,7 @@ struct UffdFeatures {
   bool move = false;       // UFFDIO_MOVE (kernel >= 6.8)
   bool poison = false;     // UFFDIO_POISON (kernel >= 6.6)
   bool thread_id = false;  // faulting thread id in messages
+  bool wp = false;         // write-protect faults on anonymous memory (kernel >= 5.7)
 };
 
 class Uffd {
@@ -31,9 +32,17 @@ class Uffd {
   const UffdFeatures& features() const noexcept { return features_; }
 
   Status RegisterMissing(void* addr, size_t len);
+  // Missing-page and write-protect faults (anonymous memory).
+  Status RegisterMissingWp(void* addr, size_t len);
   Status Unregister(void* addr, size_t len);
   // Each returns 0, or -errno (EEXIST: already present; EAGAIN: retry). fault path
   int Copy(void* dst, const void* src, size_t len, bool wake = true) noexcept;
+  // Installs write-protected pages (a write then raises a WP fault).
+  int CopyWp(void* dst, const void* src, size_t len) noexcept;
+  // Maps the zero page over missing pages (reads zeros; a write allocates).
+  int ZeroPage(void* addr, size_t len) noexcept;
+  // Sets or clears write protection on present pages; clearing wakes.
+  int WriteProtect(void* addr, size_t len, bool protect) noexcept;
   int Move(void* dst, void* src, size_t len, bool wake = true) noexcept;
   int Poison(void* addr, size_t len) noexcept;
   int Wake(void* addr, size_t len) noexcept;

@@ -16,7 +16,7 @@ namespace faultline::internal {
 namespace {
 
 constexpr OptionSpec kOptions[] = {
-    {"FAULTLINE_BUDGET", "size", "100MB", "resident bytes of paged tensors (K/M/G suffixes)"},
+    {"FAULTLINE_BUDGET", "size", "100MB", "resident bytes of paged tensors, or of managed memory (K/M/G suffixes)"},
     {"FAULTLINE_POLICY", "lru|lfu|plan", "lru", "eviction policy"},
     {"FAULTLINE_MODE", "auto|uffd|guard|mmap", "auto", "how pages are faulted in"},
     {"FAULTLINE_PREFETCH", "integer", "32", "frames of readahead at most (0 = off)"},
@@ -33,6 +33,9 @@ constexpr OptionSpec kOptions[] = {
     {"FAULTLINE_GPU_EMERGENCY", "fraction", "0.95", "memory use above which all idle tensors move down a tier"},
     {"FAULTLINE_GPU_RELOAD", "fraction", "0.70", "memory use below which the full GPU budget is restored"},
     {"FAULTLINE_GPU_DIRECT", "flag", "0", "give kernels the pager's host pointers (needs HMM)"},
+    {"FAULTLINE_THRESHOLD", "size", "1M", "allocations of at least this size go to managed memory"},
+    {"FAULTLINE_SPILL_DIR", "path", "$TMPDIR or /var/tmp", "where the (unlinked) spill file lives"},
+    {"FAULTLINE_SPILL_CODEC", "zstd[:level]|raw", "zstd:1", "how spilled chunks are stored"},
 };
 static_assert(sizeof(kOptions) / sizeof(kOptions[0]) == static_cast<int>(OptionId::kCount));
 

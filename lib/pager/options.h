@@ -13,6 +13,8 @@ enum class OptionId : int {
   // The GPU tier (include/faultline/cuda.hpp).
   kGpuBudget, kGpuHostBudget, kGpuLookahead, kGpuEvict, kGpuReadMostly, kGpuMonitor,
   kGpuOffload, kGpuEmergency, kGpuReload, kGpuDirect,
+  // The allocator (include/faultline/alloc.hpp, the LD_PRELOAD shim).
+  kThreshold, kSpillDir, kSpillCodec,
   kCount
 };
 

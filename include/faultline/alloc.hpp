@@ -1,0 +1,114 @@
+// Managed memory: anonymous, writable memory under a resident budget. Cold
+// 64 KiB chunks are compressed with zstd and spilled to an unlinked file
+// through io_uring, and come back on touch (userfaultfd missing-page faults);
+// writes are tracked with userfaultfd write-protection, so a chunk that
+// still has a copy on disk is dropped without writing. The same engine
+// serves LD_PRELOAD=libfaultline-preload.so (README: the allocator).
+//
+// Three ways in:
+//  - faultline::Allocate/Free/Reallocate (and faultline_alloc/free/realloc in
+//    the C ABI): the process-wide heap configured from the environment;
+//  - ManagedAllocator<T>: that heap for std containers;
+//  - ManagedRegion: one buffer with a budget of its own.
+// Thread-safety: everything may be called from any thread; managed memory
+// may be touched by any number of threads at once.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <string>
+
+#include "faultline/status.hpp"
+
+namespace faultline {
+
+inline constexpr size_t kManagedChunk = 64 << 10;  // unit of residency, spill and dirty tracking
+
+struct AllocConfig {
+  uint64_t budget = 0;           // resident bytes; 0 = half the memory (MemTotal or the cgroup limit)
+  uint64_t threshold = 1 << 20;  // the heap manages allocations of at least this size
+  std::string spill_dir;         // "" = $TMPDIR, else /var/tmp
+  int zstd_level = 1;            // 0 = store raw
+  uint64_t arena = 1ull << 40;   // address space reserved for the heap's blocks
+  unsigned workers = 2;          // fault-service threads
+
+  // Defaults overridden by FAULTLINE_BUDGET, FAULTLINE_THRESHOLD,
+  // FAULTLINE_SPILL_DIR, FAULTLINE_SPILL_CODEC (ignored in setuid programs;
+  // a bad value warns once and keeps the default).
+  static AllocConfig FromEnvironment();
+};
+
+struct AllocStats {
+  uint64_t allocations = 0, frees = 0;       // managed blocks
+  uint64_t bytes_managed = 0, peak_bytes_managed = 0;
+  uint64_t resident_bytes = 0, peak_resident_bytes = 0, budget_bytes = 0;
+  uint64_t zero_fills = 0;        // chunks first touched (zero pages, nothing read)
+  uint64_t spills = 0;            // dirty chunks compressed and written
+  uint64_t clean_drops = 0;       // chunks dropped that still had their copy on disk
+  uint64_t zero_drops = 0;        // chunks dropped that were all zeros (nothing written)
+  uint64_t loads = 0;             // chunks read back from disk
+  uint64_t write_faults = 0;      // first writes to clean chunks
+  uint64_t errors = 0;            // spill reads or writes that failed
+  uint64_t bytes_spilled = 0, bytes_stored = 0;  // before and after compression
+  uint64_t spill_file_bytes = 0;  // size of the spill file(s) now
+  double compression_ratio() const noexcept {
+    return bytes_stored ? static_cast<double>(bytes_spilled) / static_cast<double>(bytes_stored) : 0;
+  }
+  std::string ToString() const;
+};
+
+// The process-wide heap (created on first use from AllocConfig::
+// FromEnvironment()). Sizes below the threshold, and every size where
+// userfaultfd is not allowed, come from the system allocator. nullptr (and
+// errno = ENOMEM) when the memory cannot be had, including when the spill
+// directory has no room for what the budget could push out.
+void* Allocate(size_t size, size_t alignment = alignof(std::max_align_t)) noexcept;
+void Free(void* p) noexcept;
+void* Reallocate(void* p, size_t size) noexcept;
+// Whether the heap is running (userfaultfd allowed), and its statistics.
+bool HeapManaged() noexcept;
+AllocStats HeapStats() noexcept;
+
+template <typename T>
+struct ManagedAllocator {
+  using value_type = T;
+  ManagedAllocator() noexcept = default;
+  template <typename U>
+  ManagedAllocator(const ManagedAllocator<U>&) noexcept {}
+  T* allocate(size_t n) {
+    if (n > SIZE_MAX / sizeof(T)) throw std::bad_array_new_length();
+    void* p = Allocate(n * sizeof(T), alignof(T) > alignof(std::max_align_t) ? alignof(T) : alignof(std::max_align_t));
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) noexcept { Free(p); }
+  template <typename U>
+  bool operator==(const ManagedAllocator<U>&) const noexcept { return true; }
+};
+
+namespace internal {
+class AllocEngine;
+}
+
+// One buffer of `size` bytes (zeros until written) with a budget of its own.
+class ManagedRegion {
+ public:
+  // Errors: EPERM/ENOSYS where userfaultfd is not allowed, ENOTSUP without
+  // write-protect support, ENOMEM, and the spill file's.
+  static Result<std::unique_ptr<ManagedRegion>> Create(size_t size, const AllocConfig& config);
+  ~ManagedRegion();
+  void* data() const noexcept { return data_; }
+  size_t size() const noexcept { return size_; }
+  AllocStats stats() const;
+  internal::AllocEngine& engine() noexcept { return *engine_; }  // internal (tests)
+
+ private:
+  ManagedRegion() = default;
+  std::unique_ptr<internal::AllocEngine> engine_;
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+}  // namespace faultline

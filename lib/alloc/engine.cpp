@@ -1,0 +1,925 @@
+// The managed-memory engine; see engine.h for the chunk states and locking.
+#include "alloc/engine.h"
+
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/statvfs.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "alloc/guard.h"
+#include "core/checksum.h"
+#include "core/status_macros.h"
+#include "io/uring.h"
+
+namespace faultline::internal {
+
+namespace {
+
+constexpr size_t kChunk = kManagedChunk;
+constexpr size_t kBlockAlign = 4096;  // spill extents are whole 4 KiB blocks
+
+size_t RoundUp(size_t n, size_t a) { return (n + a - 1) / a * a; }
+
+// Every engine, for the fork handlers.
+std::mutex g_engines_mu;
+std::vector<AllocEngine*>& Engines() {
+  static auto* v = new std::vector<AllocEngine*>();  // never destroyed: used at exit and in children
+  return *v;
+}
+
+bool AllZero(const unsigned char* p, size_t n) {
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < n / 8; i++)
+    if (w[i]) return false;
+  return true;
+}
+
+// Per service thread: staging for one chunk and its compressed form, and
+// zstd contexts.
+struct Scratch {
+  std::unique_ptr<unsigned char[]> raw{new unsigned char[kChunk]};
+  size_t cap = RoundUp(ZSTD_compressBound(kChunk), kBlockAlign);
+  std::unique_ptr<unsigned char[]> packed{new unsigned char[RoundUp(ZSTD_compressBound(kChunk), kBlockAlign)]};
+  ZSTD_CCtx* cctx = ZSTD_createCCtx();
+  ZSTD_DCtx* dctx = ZSTD_createDCtx();
+  ~Scratch() {
+    ZSTD_freeCCtx(cctx);
+    ZSTD_freeDCtx(dctx);
+  }
+};
+Scratch& ThreadScratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+}  // namespace
+
+void AtforkPrepare();
+void AtforkParent();
+void AtforkChild();
+
+enum class CState : uint8_t { kUntouched, kZero, kDirty, kClean, kSpilled, kLoading, kEvicting, kError };
+
+struct AllocEngine::Chunk {
+  CState state = CState::kUntouched;
+  bool waiters = false;   // a fault arrived while loading/evicting: wake after
+  bool resident_listed = false;
+  bool raw = false;       // stored uncompressed
+  uint16_t file = 0;
+  uint32_t stored = 0;    // bytes in the spill file (0 = no copy)
+  uint64_t offset = 0;
+  uint64_t checksum = 0;
+  Chunk* prev = nullptr;
+  Chunk* next = nullptr;
+  Block* block = nullptr;
+  size_t index = 0;
+};
+
+struct AllocEngine::Block {
+  uintptr_t base = 0;
+  size_t size = 0;     // asked for
+  size_t mapped = 0;   // whole chunks
+  size_t reserved = 0; // arena range (>= mapped, for alignment)
+  uintptr_t range = 0; // arena range start
+  std::unique_ptr<Chunk[]> chunks;
+  size_t count = 0;
+};
+
+// ---- creation and the service threads ----
+
+Result<std::unique_ptr<AllocEngine>> AllocEngine::Create(const AllocConfig& config) {
+  ScopedInternal internal_calls;
+  std::unique_ptr<AllocEngine> e(new AllocEngine());
+  e->config_ = config;
+  if (e->config_.budget < 2 * kChunk) e->config_.budget = 2 * kChunk;
+  if (e->config_.workers == 0) e->config_.workers = 1;
+  size_t arena = RoundUp(std::max<uint64_t>(config.arena, kChunk), kChunk);
+  void* a = mmap(nullptr, arena, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (a == MAP_FAILED) return Status::Error(ENOMEM, "cannot reserve %zu bytes of address space for managed memory", arena);
+  // Chunk-align the arena (mmap gives page alignment).
+  e->lo_ = RoundUp(reinterpret_cast<uintptr_t>(a), kChunk);
+  e->hi_ = reinterpret_cast<uintptr_t>(a) + arena;
+  e->arena_top_ = e->lo_;
+  e->st_.budget_bytes = e->config_.budget;
+  FL_RETURN_IF_ERROR(e->NewSpillFile());
+  FL_RETURN_IF_ERROR(e->Start());
+  std::lock_guard g(g_engines_mu);
+  static bool atfork = [] {
+    pthread_atfork(AtforkPrepare, AtforkParent, AtforkChild);
+    return true;
+  }();
+  (void)atfork;
+  Engines().push_back(e.get());
+  return e;
+}
+
+Status AllocEngine::Start() {
+  auto u = Uffd::Open();
+  if (!u.ok()) return u.status();
+  if (!u->features().wp)
+    return Status::Error(ENOTSUP, "userfaultfd has no write-protect faults for anonymous memory (kernel < 5.7)");
+  uffd_ = std::make_unique<Uffd>(std::move(u).value());
+  stop_fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!stop_fd_.valid()) return Status::Error(errno, "eventfd");
+  threads_.clear();
+  for (unsigned i = 0; i < config_.workers; i++) {
+    try {
+      threads_.push_back(new std::thread([this] { Serve(); }));
+    } catch (const std::exception&) {
+      return Status::Error(EAGAIN, "cannot start a managed-memory service thread");
+    }
+  }
+  return Status::Ok();
+}
+
+AllocEngine::~AllocEngine() {
+  {
+    std::lock_guard g(g_engines_mu);
+    auto& v = Engines();
+    v.erase(std::remove(v.begin(), v.end(), this), v.end());
+  }
+  uint64_t one = 1;
+  if (stop_fd_.valid()) (void)!write(stop_fd_.get(), &one, sizeof one);
+  for (std::thread* t : threads_) {
+    t->join();
+    delete t;
+  }
+  std::unique_lock lk(mu_);
+  for (auto& [base, b] : blocks_) {
+    if (uffd_) (void)uffd_->Unregister(reinterpret_cast<void*>(b->base), b->mapped);
+  }
+  blocks_.clear();
+  lk.unlock();
+  if (lo_) munmap(reinterpret_cast<void*>(lo_), hi_ - lo_);
+}
+
+void AllocEngine::Serve() {
+  ScopedInternal internal_calls;  // this thread's own allocations go to the system allocator
+  // The service threads must never take a fault they would have to serve.
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  pollfd fds[2] = {{uffd_->fd(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
+  uffd_msg msgs[16];
+  for (;;) {
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    if (fds[1].revents) return;
+    ssize_t n = read(uffd_->fd(), msgs, sizeof msgs);
+    if (n <= 0) continue;  // another thread took them
+    for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); i++) {
+      if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
+      HandleFault(msgs[i].arg.pagefault.address, (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0);
+    }
+  }
+}
+
+// ---- faults ----
+
+AllocEngine::Block* AllocEngine::Find(uintptr_t addr) {
+  auto it = blocks_.upper_bound(addr);
+  if (it == blocks_.begin()) return nullptr;
+  --it;
+  Block* b = it->second.get();
+  return addr < b->base + b->mapped ? b : nullptr;
+}
+
+uintptr_t AllocEngine::ChunkAddr(const Chunk* c) const { return c->block->base + c->index * kChunk; }
+
+void AllocEngine::LinkResident(Chunk* c) {
+  c->prev = lru_tail_;
+  c->next = nullptr;
+  if (lru_tail_) lru_tail_->next = c;
+  else lru_head_ = c;
+  lru_tail_ = c;
+  c->resident_listed = true;
+}
+
+void AllocEngine::UnlinkResident(Chunk* c) {
+  if (!c->resident_listed) return;
+  if (c->prev) c->prev->next = c->next;
+  else lru_head_ = c->next;
+  if (c->next) c->next->prev = c->prev;
+  else lru_tail_ = c->prev;
+  c->prev = c->next = nullptr;
+  c->resident_listed = false;
+}
+
+void AllocEngine::HandleFault(uintptr_t addr, bool wp) {
+  std::unique_lock lk(mu_);
+  Block* b = Find(addr);
+  uintptr_t page = addr & ~uintptr_t(4095);
+  if (!b) {
+    lk.unlock();
+    uffd_->Wake(reinterpret_cast<void*>(page), 4096);
+    return;
+  }
+  Chunk* c = &b->chunks[(addr - b->base) / kChunk];
+  void* at = reinterpret_cast<void*>(ChunkAddr(c));
+  switch (c->state) {
+    case CState::kLoading:
+    case CState::kEvicting:
+      c->waiters = true;  // woken when that finishes
+      return;
+    case CState::kClean:
+      if (wp) {
+        // The first write since the chunk came back: its disk copy is stale.
+        c->state = CState::kDirty;
+        FreeExtent(c);
+        st_.write_faults++;
+        UnlinkResident(c);
+        LinkResident(c);
+        lk.unlock();
+        uffd_->WriteProtect(at, kChunk, false);  // wakes the writer
+        return;
+      }
+      lk.unlock();
+      uffd_->Wake(at, kChunk);
+      return;
+    case CState::kDirty:
+      lk.unlock();
+      if (wp) uffd_->WriteProtect(at, kChunk, false);
+      else uffd_->Wake(at, kChunk);
+      return;
+    case CState::kUntouched:
+    case CState::kZero: {
+      if (wp) {  // no page: the write will fault again as missing
+        lk.unlock();
+        uffd_->Wake(at, kChunk);
+        return;
+      }
+      MakeRoom(lk);
+      if (c->state != CState::kUntouched && c->state != CState::kZero) {
+        lk.unlock();
+        uffd_->Wake(at, kChunk);
+        return;
+      }
+      c->state = CState::kDirty;
+      st_.zero_fills++;
+      st_.resident_bytes += kChunk;
+      st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);
+      LinkResident(c);
+      lk.unlock();
+      int rc = uffd_->ZeroPage(at, kChunk);
+      if (rc != 0) uffd_->Wake(at, kChunk);  // EEXIST: some page raced in
+      return;
+    }
+    case CState::kSpilled:
+      if (wp) {
+        lk.unlock();
+        uffd_->Wake(at, kChunk);
+        return;
+      }
+      Load(lk, c);
+      return;
+    case CState::kError:
+      lk.unlock();
+      uffd_->Poison(at, kChunk);
+      return;
+  }
+}
+
+// Frees budget for one more chunk by evicting the oldest resident chunks.
+void AllocEngine::MakeRoom(std::unique_lock<std::mutex>& lk) {
+  int guard = 0;
+  while (st_.resident_bytes + kChunk > config_.budget && lru_head_ && guard++ < 64) {
+    Chunk* victim = lru_head_;
+    if (spill_full_) {
+      // Only chunks that need no write can go.
+      victim = nullptr;
+      for (Chunk* c = lru_head_; c; c = c->next)
+        if (c->state == CState::kClean) {
+          victim = c;
+          break;
+        }
+      if (!victim) return;
+    }
+    if (!Evict(lk, victim)) return;
+  }
+}
+
+// Evicts one resident chunk. A clean chunk is dropped at once; a dirty one
+// is write-protected, compressed and written with the lock released.
+bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
+  void* at = reinterpret_cast<void*>(ChunkAddr(c));
+  UnlinkResident(c);
+  st_.resident_bytes -= kChunk;
+  if (c->state == CState::kClean) {
+    madvise(at, kChunk, MADV_DONTNEED);
+    c->state = CState::kSpilled;
+    st_.clean_drops++;
+    return true;
+  }
+  c->state = CState::kEvicting;
+  in_flight_++;
+  lk.unlock();
+  // Writers now fault on the protection and wait; readers go on reading.
+  uffd_->WriteProtect(at, kChunk, true);
+  Scratch& s = ThreadScratch();
+  const auto* data = static_cast<const unsigned char*>(at);
+  bool zero = AllZero(data, kChunk);
+  Status err;
+  uint32_t stored = 0;
+  bool raw = false;
+  uint64_t sum = 0;
+  uint16_t file = 0;
+  uint64_t off = 0;
+  if (!zero) {
+    const unsigned char* src = data;
+    size_t n = kChunk;
+    if (config_.zstd_level > 0) {
+      size_t z = ZSTD_compressCCtx(s.cctx, s.packed.get(), s.cap, data, kChunk, config_.zstd_level);
+      if (!ZSTD_isError(z) && z < kChunk) {
+        src = s.packed.get();
+        n = z;
+      }
+    }
+    raw = src == data;
+    stored = static_cast<uint32_t>(n);
+    if (!raw) memset(s.packed.get() + n, 0, RoundUp(n, kBlockAlign) - n);
+    sum = Checksum64(src, n);
+    lk.lock();
+    bool have = AllocExtent(static_cast<uint32_t>(RoundUp(n, kBlockAlign)), &file, &off);
+    int fd = files_[file].fd.get();
+    lk.unlock();
+    if (!have) {
+      err = Status::Error(ENOSPC, "no room in the spill file");
+    } else {
+      ReadOp op{fd, off, static_cast<uint32_t>(RoundUp(n, kBlockAlign)), const_cast<unsigned char*>(src), true};
+      if (raw) op.len = static_cast<uint32_t>(kChunk);
+      err = ReadBatch({&op, 1}, "the spill file");
+    }
+  }
+  lk.lock();
+  in_flight_--;
+  if (!err.ok()) {
+    // Keep the data: the chunk stays resident (over budget) and writable.
+    if (stored && files_.size() > file) {
+      c->file = file;
+      c->offset = off;
+      c->stored = stored;
+      FreeExtent(c);
+    }
+    st_.errors++;
+    spill_full_ = true;
+    c->state = CState::kDirty;
+    st_.resident_bytes += kChunk;
+    LinkResident(c);
+    bool w = c->waiters;
+    c->waiters = false;
+    idle_cv_.notify_all();
+    lk.unlock();
+    uffd_->WriteProtect(at, kChunk, false);
+    if (w) uffd_->Wake(at, kChunk);
+    lk.lock();
+    return false;
+  }
+  madvise(at, kChunk, MADV_DONTNEED);
+  if (zero) {
+    c->state = CState::kZero;
+    st_.zero_drops++;
+  } else {
+    c->state = CState::kSpilled;
+    c->file = file;
+    c->offset = off;
+    c->stored = stored;
+    c->raw = raw;
+    c->checksum = sum;
+    st_.spills++;
+    st_.bytes_spilled += kChunk;
+    st_.bytes_stored += stored;
+  }
+  bool w = c->waiters;
+  c->waiters = false;
+  idle_cv_.notify_all();
+  if (w) {
+    lk.unlock();
+    uffd_->Wake(at, kChunk);  // they fault again, as missing, and the chunk comes back
+    lk.lock();
+  }
+  return true;
+}
+
+// Reads a spilled chunk back and installs it write-protected (clean).
+void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c) {
+  MakeRoom(lk);
+  if (c->state != CState::kSpilled) {  // changed while making room
+    void* at = reinterpret_cast<void*>(ChunkAddr(c));
+    if (c->state == CState::kLoading || c->state == CState::kEvicting) c->waiters = true;
+    else {
+      lk.unlock();
+      uffd_->Wake(at, kChunk);
+    }
+    return;
+  }
+  c->state = CState::kLoading;
+  in_flight_++;
+  st_.resident_bytes += kChunk;
+  st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);
+  int fd = files_[c->file].fd.get();
+  uint64_t off = c->offset;
+  uint32_t stored = c->stored;
+  bool raw = c->raw;
+  uint64_t sum = c->checksum;
+  void* at = reinterpret_cast<void*>(ChunkAddr(c));
+  lk.unlock();
+  Scratch& s = ThreadScratch();
+  ReadOp op{fd, off, static_cast<uint32_t>(RoundUp(stored, kBlockAlign)), raw ? s.raw.get() : s.packed.get()};
+  if (raw) op.len = kChunk;
+  Status err = ReadBatch({&op, 1}, "the spill file");
+  if (err.ok() && !ChecksumMatches(sum, raw ? s.raw.get() : s.packed.get(), stored))
+    err = Status::Error(EBADMSG, "a spilled chunk failed its checksum");
+  if (err.ok() && !raw) {
+    size_t z = ZSTD_decompressDCtx(s.dctx, s.raw.get(), kChunk, s.packed.get(), stored);
+    if (ZSTD_isError(z) || z != kChunk) err = Status::Error(EBADMSG, "a spilled chunk does not decompress");
+  }
+  int rc = err.ok() ? uffd_->CopyWp(at, s.raw.get(), kChunk) : 0;
+  lk.lock();
+  in_flight_--;
+  idle_cv_.notify_all();
+  if (!err.ok()) {
+    c->waiters = false;
+    st_.errors++;
+    st_.resident_bytes -= kChunk;
+    c->state = CState::kError;
+    lk.unlock();
+    // Never wrong data: the faulting threads get SIGBUS.
+    if (uffd_->Poison(at, kChunk) != 0) {
+      fprintf(stderr, "faultline: %s; cannot deliver SIGBUS (no UFFDIO_POISON)\n", err.message());
+      abort();
+    }
+    return;
+  }
+  (void)rc;  // EEXIST cannot happen: only this thread installs a loading chunk
+  c->state = CState::kClean;
+  st_.loads++;
+  LinkResident(c);
+  if (c->waiters) {
+    // A write faulted on the fresh write protection before the chunk was
+    // marked clean: it is woken to fault again and find it clean.
+    c->waiters = false;
+    lk.unlock();
+    uffd_->Wake(at, kChunk);
+  }
+}
+
+// ---- the spill file ----
+
+Status AllocEngine::NewSpillFile() {
+  std::string dir = config_.spill_dir;
+  if (dir.empty()) {
+    const char* t = getenv("TMPDIR");
+    dir = t && *t ? t : "/var/tmp";
+  }
+  int fd = open(dir.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  if (fd < 0) return Status::Error(errno, "cannot create a spill file in %s", dir.c_str());
+  for (SpillFile& f : files_) {
+    f.writable = false;
+    if (f.live == 0 && f.fd.valid()) {
+      st_.spill_file_bytes -= f.size;
+      f.fd.reset();
+    }
+  }
+  SpillFile f;
+  f.fd.reset(fd);
+  files_.push_back(std::move(f));
+  return Status::Ok();
+}
+
+bool AllocEngine::AllocExtent(uint32_t len, uint16_t* file, uint64_t* off) {
+  if (files_.size() > UINT16_MAX || !files_.back().writable || !files_.back().fd.valid()) return false;
+  SpillFile& f = files_.back();
+  *file = static_cast<uint16_t>(files_.size() - 1);
+  for (auto it = f.free.begin(); it != f.free.end(); ++it) {
+    if (it->second >= len) {
+      *off = it->first;
+      uint64_t rest = it->second - len, at = it->first + len;
+      f.free.erase(it);
+      if (rest) f.free.emplace(at, rest);
+      f.live++;
+      return true;
+    }
+  }
+  *off = f.size;
+  f.size += len;
+  f.live++;
+  st_.spill_file_bytes += len;
+  return true;
+}
+
+void AllocEngine::FreeExtent(Chunk* c) {
+  if (!c->stored) return;
+  SpillFile& f = files_[c->file];
+  uint64_t len = c->raw ? kChunk : RoundUp(c->stored, kBlockAlign);
+  c->stored = 0;
+  f.live--;
+  if (!f.writable) {
+    // Shared with a process forked earlier: never reused; closed when no
+    // chunk of ours refers to it.
+    if (f.live == 0 && f.fd.valid()) {
+      st_.spill_file_bytes -= f.size;
+      f.fd.reset();
+    }
+    return;
+  }
+  uint64_t off = c->offset;
+  // Coalesce with neighbours; a hole at the end shrinks the file.
+  auto next = f.free.lower_bound(off);
+  if (next != f.free.end() && off + len == next->first) {
+    len += next->second;
+    next = f.free.erase(next);
+  }
+  if (next != f.free.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second == off) {
+      off = prev->first;
+      len += prev->second;
+      f.free.erase(prev);
+    }
+  }
+  if (off + len == f.size) {
+    f.size = off;
+    st_.spill_file_bytes -= len;
+    (void)!ftruncate(f.fd.get(), static_cast<off_t>(f.size));
+  } else {
+    f.free.emplace(off, len);
+    fallocate(f.fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off), static_cast<off_t>(len));
+  }
+}
+
+// Whether the spill directory can take what this allocation could push out
+// (uncompressed, the worst case) on top of what is managed already.
+bool AllocEngine::SpillRoomFor(uint64_t more) {
+  uint64_t managed = st_.bytes_managed + more;
+  if (managed <= config_.budget) return true;
+  uint64_t need = managed - config_.budget;
+  uint64_t have = 0;
+  for (const SpillFile& f : files_) {
+    if (!f.writable) continue;
+    for (auto& [off, len] : f.free) have += len;
+    have += f.size;  // extents in use belong to chunks counted in `managed`
+  }
+  struct statvfs sv;
+  if (fstatvfs(files_.back().fd.get(), &sv) != 0) return true;  // cannot tell: let it run
+  have += static_cast<uint64_t>(sv.f_bavail) * sv.f_frsize;
+  return have >= need;
+}
+
+// ---- blocks ----
+
+uintptr_t AllocEngine::ReserveRange(size_t len, size_t align) {
+  for (auto it = free_ranges_.begin(); it != free_ranges_.end(); ++it) {
+    uintptr_t start = RoundUp(it->first, align);
+    if (start + len <= it->first + it->second) {
+      uintptr_t fs = it->first, fe = it->first + it->second;
+      free_ranges_.erase(it);
+      if (start > fs) free_ranges_.emplace(fs, start - fs);
+      if (start + len < fe) free_ranges_.emplace(start + len, fe - start - len);
+      return start;
+    }
+  }
+  uintptr_t start = RoundUp(arena_top_, align);
+  if (start + len > hi_ || start + len < start) return 0;
+  if (start > arena_top_) free_ranges_.emplace(arena_top_, start - arena_top_);
+  arena_top_ = start + len;
+  return start;
+}
+
+void AllocEngine::ReleaseRange(uintptr_t base, size_t len) {
+  // Back to reserved, inaccessible address space (memory and registration go).
+  mmap(reinterpret_cast<void*>(base), len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  if (base + len == arena_top_) {
+    arena_top_ = base;
+    // Merge a free range that now ends at the top.
+    if (!free_ranges_.empty()) {
+      auto last = std::prev(free_ranges_.end());
+      if (last->first + last->second == arena_top_) {
+        arena_top_ = last->first;
+        free_ranges_.erase(last);
+      }
+    }
+    return;
+  }
+  auto next = free_ranges_.lower_bound(base);
+  if (next != free_ranges_.end() && base + len == next->first) {
+    len += next->second;
+    next = free_ranges_.erase(next);
+  }
+  if (next != free_ranges_.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second == base) {
+      base = prev->first;
+      len += prev->second;
+      free_ranges_.erase(prev);
+    }
+  }
+  free_ranges_.emplace(base, len);
+}
+
+void* AllocEngine::Allocate(size_t size, size_t alignment) noexcept {
+  ScopedInternal internal_calls;
+  if (size == 0) size = 1;
+  if (size > hi_ - lo_ || alignment == 0 || (alignment & (alignment - 1))) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  size_t mapped = RoundUp(size, kChunk);
+  size_t align = std::max(alignment, kChunk);
+  std::unique_lock lk(mu_);
+  if (!SpillRoomFor(mapped)) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  uintptr_t base = ReserveRange(mapped, align);
+  if (!base) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  auto b = std::make_unique<Block>();
+  b->base = base;
+  b->range = base;
+  b->reserved = mapped;
+  b->size = size;
+  b->mapped = mapped;
+  b->count = mapped / kChunk;
+  b->chunks.reset(new (std::nothrow) Chunk[b->count]);
+  if (!b->chunks) {
+    ReleaseRange(base, mapped);
+    errno = ENOMEM;
+    return nullptr;
+  }
+  for (size_t i = 0; i < b->count; i++) {
+    b->chunks[i].block = b.get();
+    b->chunks[i].index = i;
+  }
+  void* p = mmap(reinterpret_cast<void*>(base), mapped, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  if (p == MAP_FAILED) {
+    ReleaseRange(base, mapped);
+    errno = ENOMEM;
+    return nullptr;
+  }
+  madvise(p, mapped, MADV_NOHUGEPAGE);  // chunks are the unit; a huge page would span 32
+  if (!uffd_->RegisterMissingWp(p, mapped).ok()) {
+    ReleaseRange(base, mapped);
+    errno = ENOMEM;
+    return nullptr;
+  }
+  blocks_.emplace(base, std::move(b));
+  st_.allocations++;
+  st_.bytes_managed += mapped;
+  st_.peak_bytes_managed = std::max(st_.peak_bytes_managed, st_.bytes_managed);
+  return p;
+}
+
+void AllocEngine::WaitIdle(std::unique_lock<std::mutex>& lk, Block* b) {
+  for (;;) {
+    bool busy = false;
+    for (size_t i = 0; i < b->count && !busy; i++)
+      busy = b->chunks[i].state == CState::kLoading || b->chunks[i].state == CState::kEvicting;
+    if (!busy) return;
+    idle_cv_.wait(lk);
+  }
+}
+
+void AllocEngine::Free(void* p) noexcept {
+  ScopedInternal internal_calls;
+  std::unique_lock lk(mu_);
+  auto it = blocks_.find(reinterpret_cast<uintptr_t>(p));
+  if (it == blocks_.end()) {
+    fprintf(stderr, "faultline: free(%p): not the start of a managed block\n", p);
+    abort();
+  }
+  Block* b = it->second.get();
+  WaitIdle(lk, b);
+  for (size_t i = 0; i < b->count; i++) {
+    Chunk* c = &b->chunks[i];
+    if (c->resident_listed) {
+      UnlinkResident(c);
+      st_.resident_bytes -= kChunk;
+    }
+    FreeExtent(c);
+  }
+  (void)uffd_->Unregister(reinterpret_cast<void*>(b->base), b->mapped);
+  st_.frees++;
+  st_.bytes_managed -= b->mapped;
+  uintptr_t range = b->range;
+  size_t reserved = b->reserved;
+  blocks_.erase(it);
+  ReleaseRange(range, reserved);
+}
+
+size_t AllocEngine::UsableSize(const void* p) noexcept {
+  std::lock_guard lk(mu_);
+  auto it = blocks_.find(reinterpret_cast<uintptr_t>(p));
+  return it == blocks_.end() ? 0 : it->second->mapped;
+}
+
+void* AllocEngine::Reallocate(void* p, size_t size) noexcept {
+  ScopedInternal internal_calls;
+  if (size == 0) size = 1;
+  size_t mapped = RoundUp(size, kChunk);
+  std::unique_lock lk(mu_);
+  auto it = blocks_.find(reinterpret_cast<uintptr_t>(p));
+  if (it == blocks_.end()) {
+    fprintf(stderr, "faultline: realloc(%p): not the start of a managed block\n", p);
+    abort();
+  }
+  Block* b = it->second.get();
+  WaitIdle(lk, b);
+  if (mapped <= b->mapped) {
+    // Shrink: the chunks past the new end go (memory, disk copies, budget).
+    for (size_t i = mapped / kChunk; i < b->count; i++) {
+      Chunk* c = &b->chunks[i];
+      if (c->resident_listed) {
+        UnlinkResident(c);
+        st_.resident_bytes -= kChunk;
+      }
+      FreeExtent(c);
+      c->state = CState::kUntouched;
+    }
+    if (mapped < b->mapped) {
+      (void)uffd_->Unregister(reinterpret_cast<void*>(b->base + mapped), b->mapped - mapped);
+      mmap(reinterpret_cast<void*>(b->base + mapped), b->mapped - mapped, PROT_NONE,
+           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+      st_.bytes_managed -= b->mapped - mapped;
+      b->mapped = mapped;
+      b->count = mapped / kChunk;
+    }
+    b->size = size;
+    return p;
+  }
+  if (!SpillRoomFor(mapped - b->mapped)) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  // Grow: a new range, the old pages moved there by the kernel (resident
+  // ones keep their frames, spilled ones keep their disk copies), the tail
+  // fresh. mremap drops the userfaultfd registration, so it is made again
+  // and clean chunks are write-protected again.
+  uintptr_t nbase = ReserveRange(mapped, kChunk);
+  if (!nbase) {
+    errno = ENOMEM;
+    return nullptr;
+  }
+  std::unique_ptr<Chunk[]> chunks(new (std::nothrow) Chunk[mapped / kChunk]);
+  if (!chunks) {
+    ReleaseRange(nbase, mapped);
+    errno = ENOMEM;
+    return nullptr;
+  }
+  void* np = mremap(reinterpret_cast<void*>(b->base), b->mapped, b->mapped, MREMAP_MAYMOVE | MREMAP_FIXED,
+                    reinterpret_cast<void*>(nbase));
+  if (np == MAP_FAILED) {
+    ReleaseRange(nbase, mapped);
+    errno = ENOMEM;
+    return nullptr;
+  }
+  void* tail = mmap(reinterpret_cast<void*>(nbase + b->mapped), mapped - b->mapped, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  (void)tail;
+  madvise(np, mapped, MADV_NOHUGEPAGE);
+  (void)uffd_->Unregister(np, mapped);
+  if (!uffd_->RegisterMissingWp(np, mapped).ok()) {
+    fprintf(stderr, "faultline: realloc: cannot register the moved block with userfaultfd\n");
+    abort();
+  }
+  // Move the chunk records; the resident list keeps its order.
+  auto nb = std::make_unique<Block>();
+  nb->base = nbase;
+  nb->range = nbase;
+  nb->reserved = mapped;
+  nb->size = size;
+  nb->mapped = mapped;
+  nb->count = mapped / kChunk;
+  nb->chunks = std::move(chunks);
+  for (size_t i = 0; i < nb->count; i++) {
+    Chunk* c = &nb->chunks[i];
+    c->block = nb.get();
+    c->index = i;
+    if (i < b->count) {
+      Chunk* o = &b->chunks[i];
+      c->state = o->state;
+      c->raw = o->raw;
+      c->file = o->file;
+      c->stored = o->stored;
+      c->offset = o->offset;
+      c->checksum = o->checksum;
+      if (o->resident_listed) {
+        // Take o's place in the list.
+        c->prev = o->prev;
+        c->next = o->next;
+        if (c->prev) c->prev->next = c;
+        else lru_head_ = c;
+        if (c->next) c->next->prev = c;
+        else lru_tail_ = c;
+        c->resident_listed = true;
+      }
+      if (c->state == CState::kClean) uffd_->WriteProtect(reinterpret_cast<void*>(nbase + i * kChunk), kChunk, true);
+    }
+  }
+  st_.bytes_managed += mapped - b->mapped;
+  st_.peak_bytes_managed = std::max(st_.peak_bytes_managed, st_.bytes_managed);
+  uintptr_t orange = b->range;
+  size_t oreserved = b->reserved;
+  blocks_.erase(it);
+  ReleaseRange(orange, oreserved);
+  blocks_.emplace(nbase, std::move(nb));
+  return np;
+}
+
+AllocStats AllocEngine::stats() const noexcept {
+  std::lock_guard lk(mu_);
+  return st_;
+}
+
+int AllocEngine::spill_fd() const noexcept {
+  std::lock_guard lk(mu_);
+  return files_.back().fd.get();
+}
+
+bool AllocEngine::SpillLocation(const void* addr, uint64_t* offset, uint32_t* length) noexcept {
+  std::lock_guard lk(mu_);
+  Block* b = Find(reinterpret_cast<uintptr_t>(addr));
+  if (!b) return false;
+  Chunk* c = &b->chunks[(reinterpret_cast<uintptr_t>(addr) - b->base) / kChunk];
+  if (!c->stored) return false;
+  *offset = c->offset;
+  *length = c->stored;
+  return true;
+}
+
+// ---- fork ----
+
+void AllocEngine::ForkPrepare() {
+  std::unique_lock lk(mu_);
+  idle_cv_.wait(lk, [&] { return in_flight_ == 0; });
+  lk.release();  // held across fork; ForkParent/ForkChild unlock
+}
+
+void AllocEngine::ForkParent() {
+  // A file with chunks in it is shared with the child now (it reads them
+  // from there): write a new one. An empty one is the parent's alone (the
+  // child always starts its own).
+  // If no new file can be made, the old one is closed for writing anyway
+  // and eviction is limited to clean chunks (AllocExtent fails).
+  if (files_.back().live > 0) (void)NewSpillFile();
+  mu_.unlock();
+}
+
+void AllocEngine::ForkChild() {
+  // Only this thread exists here. The service threads and the
+  // userfaultfd registration did not come along: make them again.
+  threads_.clear();  // they do not exist here; their objects are leaked, never joined
+  stop_fd_.reset();
+  uffd_.reset();     // the parent's userfaultfd: this copy of the descriptor only
+  (void)NewSpillFile();
+  Status s = Start();
+  if (!s.ok()) {
+    fprintf(stderr, "faultline: managed memory cannot be served in a forked child: %s\n", s.message());
+    abort();
+  }
+  for (auto& [base, b] : blocks_) {
+    if (!uffd_->RegisterMissingWp(reinterpret_cast<void*>(b->base), b->mapped).ok()) {
+      fprintf(stderr, "faultline: managed memory cannot be registered in a forked child\n");
+      abort();
+    }
+    for (size_t i = 0; i < b->count; i++)
+      if (b->chunks[i].state == CState::kClean)
+        uffd_->WriteProtect(reinterpret_cast<void*>(b->base + i * kChunk), kChunk, true);
+  }
+  mu_.unlock();
+}
+
+void AtforkPrepare() {
+  g_engines_mu.lock();
+  for (AllocEngine* e : Engines()) e->ForkPrepare();
+}
+
+void AtforkParent() {
+  for (AllocEngine* e : Engines()) e->ForkParent();
+  g_engines_mu.unlock();
+}
+
+void AtforkChild() {
+  ScopedInternal internal_calls;
+  for (AllocEngine* e : Engines()) e->ForkChild();
+  g_engines_mu.unlock();
+}
+
+}  // namespace faultline::internal

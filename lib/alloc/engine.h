@@ -1,0 +1,128 @@
+// The managed-memory engine behind the heap, ManagedRegion and the
+// LD_PRELOAD shim; see faultline/alloc.hpp and docs/ARCHITECTURE.md
+// (transparent allocator).
+//
+// An engine reserves an arena of address space; each block (allocation) is
+// an anonymous private mapping inside it, registered with one userfaultfd
+// for missing-page and write-protect faults. Memory is managed in 64 KiB
+// chunks:
+//
+//   untouched/zero --(first touch: zero pages)--> dirty
+//   dirty --(evict: write-protect, compress, write, drop)--> spilled
+//   spilled --(touch: read, check, decompress, install write-protected)--> clean
+//   clean --(first write: WP fault, unprotect)--> dirty
+//   clean --(evict: drop, nothing written)--> spilled
+//   a dirty chunk that is all zeros at eviction --> zero (nothing written)
+//
+// A write that races with an eviction faults on the write protection and is
+// only woken after the drop, so it re-faults, the chunk comes back from
+// disk, and the write lands there.
+//
+// Thread-safety: one mutex guards the chunk states, the resident list and
+// the spill allocator; I/O and compression run outside it, with the chunk
+// in a loading/evicting state that other faults on it wait out.
+// fork: handlers registered with pthread_atfork quiesce every engine, and
+// the child re-creates its userfaultfd, service threads and spill file (the
+// files from before the fork are shared and only read from then on).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "faultline/alloc.hpp"
+#include "io/file.h"
+#include "os/uffd.h"
+
+namespace faultline::internal {
+
+class AllocEngine {
+ public:
+  // Errors: the userfaultfd's (EPERM/ENOSYS), ENOTSUP without write-protect
+  // faults, ENOMEM for the arena, and the spill file's.
+  static Result<std::unique_ptr<AllocEngine>> Create(const AllocConfig& config);
+  ~AllocEngine();
+
+  // A zeroed block of `size` bytes aligned to `alignment` (a power of two);
+  // nullptr with errno = ENOMEM (address space, or spill room for it).
+  void* Allocate(size_t size, size_t alignment) noexcept;
+  bool Owns(const void* p) const noexcept {
+    auto a = reinterpret_cast<uintptr_t>(p);
+    return a >= lo_ && a < hi_;
+  }
+  // p must be a block's start (from Allocate/Reallocate of this engine).
+  void Free(void* p) noexcept;
+  // Grows or shrinks a block; contents up to the smaller size are kept,
+  // without copying them through memory (mremap). nullptr + ENOMEM on failure
+  // (the old block is untouched).
+  void* Reallocate(void* p, size_t size) noexcept;
+  size_t UsableSize(const void* p) noexcept;
+  AllocStats stats() const noexcept;
+  const AllocConfig& config() const noexcept { return config_; }
+
+  // For tests: the descriptor of the current spill file, and where chunk
+  // `addr` lies in it (false when it has no copy on disk).
+  int spill_fd() const noexcept;
+  bool SpillLocation(const void* addr, uint64_t* offset, uint32_t* length) noexcept;
+
+  struct Chunk;
+  struct Block;
+
+ private:
+  AllocEngine() = default;
+  Status Start();                       // uffd + threads (also in a fork child)
+  void Serve();                         // a service thread
+  void HandleFault(uintptr_t addr, bool wp);
+  void MakeRoom(std::unique_lock<std::mutex>& lk);
+  bool Evict(std::unique_lock<std::mutex>& lk, Chunk* c);
+  void Load(std::unique_lock<std::mutex>& lk, Chunk* c);
+  Block* Find(uintptr_t addr);
+  uintptr_t ReserveRange(size_t len, size_t align);
+  void ReleaseRange(uintptr_t base, size_t len);
+  bool SpillRoomFor(uint64_t more);
+  bool AllocExtent(uint32_t len, uint16_t* file, uint64_t* off);
+  void FreeExtent(Chunk* c);
+  Status NewSpillFile();
+  void LinkResident(Chunk* c);
+  void UnlinkResident(Chunk* c);
+  void WaitIdle(std::unique_lock<std::mutex>& lk, Block* b);
+  uintptr_t ChunkAddr(const Chunk* c) const;
+  void ForkPrepare();
+  void ForkParent();
+  void ForkChild();
+  friend void AtforkPrepare();
+  friend void AtforkParent();
+  friend void AtforkChild();
+
+  AllocConfig config_;
+  uintptr_t lo_ = 0, hi_ = 0;  // the arena
+  std::unique_ptr<Uffd> uffd_;
+  UniqueFd stop_fd_;            // eventfd: service threads leave
+  std::vector<std::thread*> threads_;
+
+  mutable std::mutex mu_;
+  std::condition_variable idle_cv_;  // a loading/evicting chunk finished
+  std::map<uintptr_t, std::unique_ptr<Block>> blocks_;
+  std::map<uintptr_t, size_t> free_ranges_;  // of the arena
+  uintptr_t arena_top_ = 0;
+  Chunk* lru_head_ = nullptr;  // oldest resident chunk
+  Chunk* lru_tail_ = nullptr;
+  unsigned in_flight_ = 0;     // loads and evictions outside the lock
+  bool spill_full_ = false;    // the last spill write failed: evict clean chunks only
+  struct SpillFile {
+    UniqueFd fd;
+    bool writable = true;
+    uint64_t size = 0;
+    uint64_t live = 0;                    // extents in use
+    std::map<uint64_t, uint64_t> free;    // offset -> length
+  };
+  std::vector<SpillFile> files_;
+  AllocStats st_;
+};
+
+}  // namespace faultline::internal

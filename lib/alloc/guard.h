@@ -1,0 +1,23 @@
+// Marks the calls that the allocator makes itself (and its service threads)
+// so that the LD_PRELOAD shim sends their allocations to the system
+// allocator instead of back into the engine.
+// Thread-safety: the flag is per thread.
+#pragma once
+
+namespace faultline::internal {
+
+// True while this thread is inside the engine (or is a service thread).
+bool InsideEngine() noexcept;
+
+class ScopedInternal {
+ public:
+  ScopedInternal() noexcept;
+  ~ScopedInternal();
+  ScopedInternal(const ScopedInternal&) = delete;
+  ScopedInternal& operator=(const ScopedInternal&) = delete;
+
+ private:
+  bool prev_;
+};
+
+}  // namespace faultline::internal

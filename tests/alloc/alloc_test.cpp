@@ -1,0 +1,260 @@
+// Managed memory: ManagedRegion and the heap API under budgets far below
+// what they hold; every byte checked against a reference, with threads,
+// with fork, with writes racing evictions; clean and zero chunks never
+// written; a bad spill read is SIGBUS. Exits 77 where userfaultfd (with
+// write-protect faults) is not allowed.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "alloc/engine.h"
+#include "faultline/alloc.hpp"
+#include "faultline/faultline.h"
+#include "helpers.h"
+
+using namespace faultline;
+using namespace faultline::test;
+
+namespace {
+
+AllocConfig Config(uint64_t budget) {
+  AllocConfig c;
+  c.budget = budget;
+  c.zstd_level = 1;
+  return c;
+}
+
+// A value for byte i after `round` rounds of writes: checkable anywhere.
+inline uint8_t Expect(size_t i, uint32_t round) {
+  return round == 0 ? 0 : static_cast<uint8_t>((i * 2654435761u >> 7) + round * 31);
+}
+
+// `threads` threads write random 4 KiB pages of their own stripe of the
+// region and read back random ones, each against its own record of rounds.
+void Hammer(uint8_t* base, size_t size, int threads, int ops, std::vector<uint32_t>& rounds, uint64_t seed) {
+  size_t pages = size / 4096;
+  std::atomic<int> bad{0};
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; t++) {
+    ts.emplace_back([&, t] {
+      std::mt19937_64 rng(seed + t);
+      for (int k = 0; k < ops; k++) {
+        size_t pg = (rng() % (pages / threads)) * threads + t;  // page pg belongs to thread pg % threads
+        uint8_t* p = base + pg * 4096;
+        if (rng() % 2) {
+          uint32_t r = ++rounds[pg];
+          for (size_t i = 0; i < 4096; i++) p[i] = Expect(pg * 4096 + i, r);
+        } else {
+          for (size_t i = 0; i < 4096; i += 97)
+            if (p[i] != Expect(pg * 4096 + i, rounds[pg])) {
+              bad++;
+              break;
+            }
+        }
+      }
+    });
+  }
+  for (auto& th : ts) th.join();
+  CHECK(bad.load() == 0);
+}
+
+// Every page against its record.
+size_t CountBad(const uint8_t* base, size_t size, const std::vector<uint32_t>& rounds) {
+  size_t bad = 0;
+  for (size_t pg = 0; pg < size / 4096; pg++)
+    for (size_t i = 0; i < 4096; i++)
+      if (base[pg * 4096 + i] != Expect(pg * 4096 + i, rounds[pg])) {
+        bad++;
+        break;
+      }
+  return bad;
+}
+
+}  // namespace
+
+TEST_CASE("random writes and reads from several threads over eight times the budget") {
+  const size_t size = 64 << 20;
+  auto r = ManagedRegion::Create(size, Config(8 << 20));
+  REQUIRE_MESSAGE(r.ok(), r.status().message());
+  auto* base = static_cast<uint8_t*>((*r)->data());
+  std::vector<uint32_t> rounds(size / 4096, 0);
+  Hammer(base, size, 4, 20000, rounds, 1);
+  // Touch everything once more in order, so most of it is spilled and back.
+  CHECK(CountBad(base, size, rounds) == 0);
+  CHECK(CountBad(base, size, rounds) == 0);
+  AllocStats s = (*r)->stats();
+  MESSAGE(s.ToString());
+  CHECK(s.peak_resident_bytes <= (8u << 20));
+  CHECK(s.spills > 0);
+  CHECK(s.loads > 0);
+  CHECK(s.errors == 0);
+  CHECK(s.compression_ratio() > 1.0);
+}
+
+TEST_CASE("writes that race with eviction are never lost") {
+  // Each thread increments its own counters spread over a region 16 times
+  // the budget, so evictions constantly write-protect chunks being written.
+  const size_t size = 32 << 20;
+  auto r = ManagedRegion::Create(size, Config(2 << 20));
+  REQUIRE(r.ok());
+  auto* words = static_cast<uint64_t*>((*r)->data());
+  const int threads = 4, per = 20000;
+  const size_t stride = 4096 / 8 * 3;  // a counter every 3 pages
+  std::vector<std::thread> ts;
+  for (int t = 0; t < threads; t++)
+    ts.emplace_back([&, t] {
+      for (int k = 0; k < per; k++) {
+        size_t slot = (static_cast<size_t>(k) * threads + t) % (size / 8 / stride);
+        words[slot * stride + t] += 1;
+      }
+    });
+  for (auto& th : ts) th.join();
+  std::vector<uint64_t> want(size / 8 / stride * threads, 0);
+  for (int t = 0; t < threads; t++)
+    for (int k = 0; k < per; k++) want[((static_cast<size_t>(k) * threads + t) % (size / 8 / stride)) * threads + t]++;
+  size_t bad = 0;
+  for (size_t slot = 0; slot < size / 8 / stride; slot++)
+    for (int t = 0; t < threads; t++)
+      if (words[slot * stride + t] != want[slot * threads + t]) bad++;
+  CHECK(bad == 0);
+  CHECK((*r)->stats().spills > 0);
+}
+
+TEST_CASE("a clean chunk is dropped without writing; zero chunks are never written") {
+  const size_t size = 16 << 20;
+  auto r = ManagedRegion::Create(size, Config(2 << 20));
+  REQUIRE(r.ok());
+  auto* p = static_cast<uint8_t*>((*r)->data());
+  // Reading untouched memory: zeros, nothing spilled.
+  size_t sum = 0;
+  for (size_t i = 0; i < size; i += 4096) sum += p[i];
+  CHECK(sum == 0);
+  AllocStats s = (*r)->stats();
+  CHECK(s.spills == 0);
+  CHECK(s.bytes_stored == 0);
+  // Write everything once, then only read: the second sweep's evictions
+  // drop clean chunks and write nothing more.
+  for (size_t i = 0; i < size; i += 512) p[i] = static_cast<uint8_t>(i >> 9);
+  for (size_t i = 0; i < size; i += 4096) sum += p[i];
+  uint64_t spills_after_write = (*r)->stats().spills;
+  for (int pass = 0; pass < 2; pass++)
+    for (size_t i = 0; i < size; i += 512) REQUIRE(p[i] == static_cast<uint8_t>(i >> 9));
+  s = (*r)->stats();
+  CHECK(s.spills == spills_after_write);
+  CHECK(s.clean_drops > 0);
+  CHECK(s.loads > 0);
+  // A chunk written back to all zeros is dropped, not written.
+  memset(p, 0, size);
+  for (size_t i = 0; i < size; i += 4096) REQUIRE(p[i] == 0);
+  CHECK((*r)->stats().zero_drops > 0);
+}
+
+TEST_CASE("fork: the child sees the parent's data, including spilled chunks, and writes its own copy") {
+  const size_t size = 32 << 20;
+  auto r = ManagedRegion::Create(size, Config(4 << 20));
+  REQUIRE(r.ok());
+  auto* base = static_cast<uint8_t*>((*r)->data());
+  std::vector<uint32_t> rounds(size / 4096, 0);
+  Hammer(base, size, 2, 8000, rounds, 7);
+  REQUIRE((*r)->stats().spills > 0);
+  int status = RunInChild([&]() -> int {
+    if (CountBad(base, size, rounds) != 0) return 2;  // the parent's data, spilled chunks too
+    std::vector<uint32_t> mine = rounds;
+    std::mt19937_64 rng(99);
+    for (int k = 0; k < 4000; k++) {
+      size_t pg = rng() % (size / 4096);
+      uint32_t rr = mine[pg] += 5;
+      for (size_t i = 0; i < 4096; i++) base[pg * 4096 + i] = Expect(pg * 4096 + i, rr);
+    }
+    if (CountBad(base, size, mine) != 0) return 3;
+    return 0;
+  });
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  // The parent's memory did not see the child's writes, and it goes on.
+  CHECK(CountBad(base, size, rounds) == 0);
+  Hammer(base, size, 2, 4000, rounds, 8);
+  CHECK(CountBad(base, size, rounds) == 0);
+  // fork + exec works as usual.
+  CHECK(Run("true").status == 0);
+}
+
+TEST_CASE("a spilled chunk that cannot be read back is SIGBUS, never wrong data") {
+  int status = RunInChild([]() -> int {
+    signal(SIGBUS, SIG_DFL);
+    auto r = ManagedRegion::Create(8 << 20, Config(1 << 20));
+    if (!r.ok()) return 3;
+    auto* p = static_cast<uint8_t*>((*r)->data());
+    for (size_t i = 0; i < (8u << 20); i++) p[i] = static_cast<uint8_t>(i * 7 + 1);
+    uint64_t off;
+    uint32_t len;
+    if (!(*r)->engine().SpillLocation(p, &off, &len)) return 4;  // chunk 0 is on disk by now
+    uint8_t junk[64];
+    memset(junk, 0xA5, sizeof junk);
+    if (pwrite((*r)->engine().spill_fd(), junk, sizeof junk, static_cast<off_t>(off)) != sizeof junk) return 5;
+    volatile uint8_t v = p[100];  // SIGBUS here
+    (void)v;
+    return 6;
+  });
+  CHECK(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGBUS);
+}
+
+TEST_CASE("the heap API: alloc, realloc without copying through the budget, free, containers") {
+  void* small = faultline_alloc(100);
+  REQUIRE(small);
+  faultline_free(small);
+  const size_t n = 8 << 20;
+  auto* p = static_cast<uint8_t*>(faultline_alloc(n));
+  REQUIRE(p);
+  for (size_t i = 0; i < n; i++) p[i] = static_cast<uint8_t>(i * 13);
+  auto* q = static_cast<uint8_t*>(faultline_realloc(p, 3 * n));
+  REQUIRE(q);
+  for (size_t i = 0; i < n; i++) REQUIRE(q[i] == static_cast<uint8_t>(i * 13));
+  for (size_t i = n; i < 3 * n; i += 4096) REQUIRE(q[i] == 0);
+  q = static_cast<uint8_t*>(faultline_realloc(q, n / 2));
+  REQUIRE(q);
+  for (size_t i = 0; i < n / 2; i++) REQUIRE(q[i] == static_cast<uint8_t>(i * 13));
+  faultline_free(q);
+  faultline_free(nullptr);
+  CHECK(faultline_alloc(SIZE_MAX / 2) == nullptr);
+  {
+    std::vector<double, ManagedAllocator<double>> v(4 << 20, 1.5);  // 32 MiB
+    double s = 0;
+    for (double d : v) s += d;
+    CHECK(s == 1.5 * (4 << 20));
+  }
+  if (HeapManaged()) {
+    AllocStats s = HeapStats();
+    CHECK(s.allocations >= 2);
+    CHECK(s.frees >= 2);
+  }
+}
+
+TEST_CASE("bad arguments get errors") {
+  CHECK(ManagedRegion::Create(0, Config(1 << 20)).status().code() == EINVAL);
+  AllocConfig c = Config(1 << 20);
+  c.spill_dir = "/nonexistent/dir";
+  auto r = ManagedRegion::Create(1 << 20, c);
+  CHECK(r.status().code() == ENOENT);
+  CHECK(std::string(r.status().message()).find("/nonexistent/dir") != std::string::npos);
+}
+
+int main(int argc, char** argv) {
+  auto probe = ManagedRegion::Create(1 << 20, Config(1 << 20));
+  if (!probe.ok()) {
+    fprintf(stderr, "skipped: %s\n", probe.status().message());
+    return 77;
+  }
+  probe->reset();
+  doctest::Context ctx(argc, argv);
+  return ctx.run();
+}
