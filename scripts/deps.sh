@@ -6,7 +6,7 @@ set -euo pipefail
 
 packages=(
   g++ meson ninja-build pkg-config cmake ccache
-  liburing-dev libzstd-dev libuv1-dev libxxhash-dev nlohmann-json3-dev
+  liburing-dev libzstd-dev libuv1-dev libxxhash-dev nlohmann-json3-dev python3-numpy
   doctest-dev libbenchmark-dev libopenblas-dev
   "$@"
 )

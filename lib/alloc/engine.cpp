@@ -40,6 +40,12 @@ std::vector<AllocEngine*>& Engines() {
   return *v;
 }
 
+// The engine's own madvise calls go straight to the kernel: under the shim,
+// RawMadvise() itself is overridden for managed ranges.
+int RawMadvise(void* addr, size_t len, int advice) {
+  return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
+}
+
 bool AllZero(const unsigned char* p, size_t n) {
   const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
   for (size_t i = 0; i < n / 8; i++)
@@ -320,7 +326,7 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
   UnlinkResident(c);
   st_.resident_bytes -= kChunk;
   if (c->state == CState::kClean) {
-    madvise(at, kChunk, MADV_DONTNEED);
+    RawMadvise(at, kChunk, MADV_DONTNEED);
     c->state = CState::kSpilled;
     st_.clean_drops++;
     return true;
@@ -389,7 +395,7 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
     lk.lock();
     return false;
   }
-  madvise(at, kChunk, MADV_DONTNEED);
+  RawMadvise(at, kChunk, MADV_DONTNEED);
   if (zero) {
     c->state = CState::kZero;
     st_.zero_drops++;
@@ -674,7 +680,7 @@ void* AllocEngine::Allocate(size_t size, size_t alignment) noexcept {
     errno = ENOMEM;
     return nullptr;
   }
-  madvise(p, mapped, MADV_NOHUGEPAGE);  // chunks are the unit; a huge page would span 32
+  RawMadvise(p, mapped, MADV_NOHUGEPAGE);  // chunks are the unit; a huge page would span 32
   if (!uffd_->RegisterMissingWp(p, mapped).ok()) {
     ReleaseRange(base, mapped);
     errno = ENOMEM;
@@ -722,6 +728,43 @@ void AllocEngine::Free(void* p) noexcept {
   size_t reserved = b->reserved;
   blocks_.erase(it);
   ReleaseRange(range, reserved);
+}
+
+int AllocEngine::Advise(void* addr, size_t len, int advice) noexcept {
+  ScopedInternal internal_calls;
+  if (advice == MADV_HUGEPAGE || advice == MADV_NOHUGEPAGE) return 0;  // chunks are the unit
+  if (advice != MADV_DONTNEED && advice != MADV_FREE) return RawMadvise(addr, len, advice);
+  // The range's contents go: whole chunks become zero chunks (memory, disk
+  // copy and budget freed); the ends of partly covered chunks are zeroed.
+  uintptr_t a = reinterpret_cast<uintptr_t>(addr), end = a + len;
+  std::unique_lock lk(mu_);
+  while (a < end) {
+    Block* b = Find(a);
+    if (!b) {
+      a = RoundUp(a + 1, kChunk);
+      continue;
+    }
+    WaitIdle(lk, b);
+    for (; a < end && a < b->base + b->mapped; a = RoundUp(a + 1, kChunk)) {
+      Chunk* c = &b->chunks[(a - b->base) / kChunk];
+      uintptr_t cs = ChunkAddr(c), ce = cs + kChunk;
+      if (a == cs && end >= ce) {
+        if (c->resident_listed) {
+          UnlinkResident(c);
+          st_.resident_bytes -= kChunk;
+        }
+        FreeExtent(c);
+        if (c->state == CState::kDirty || c->state == CState::kClean) RawMadvise(reinterpret_cast<void*>(cs), kChunk, MADV_DONTNEED);
+        c->state = CState::kZero;
+      } else if (advice == MADV_DONTNEED) {
+        uintptr_t ze = std::min(end, ce);
+        lk.unlock();
+        memset(reinterpret_cast<void*>(a), 0, ze - a);  // may fault the chunk in: served as usual
+        lk.lock();
+      }
+    }
+  }
+  return 0;
 }
 
 size_t AllocEngine::UsableSize(const void* p) noexcept {
@@ -793,7 +836,7 @@ void* AllocEngine::Reallocate(void* p, size_t size) noexcept {
   void* tail = mmap(reinterpret_cast<void*>(nbase + b->mapped), mapped - b->mapped, PROT_READ | PROT_WRITE,
                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
   (void)tail;
-  madvise(np, mapped, MADV_NOHUGEPAGE);
+  RawMadvise(np, mapped, MADV_NOHUGEPAGE);
   (void)uffd_->Unregister(np, mapped);
   if (!uffd_->RegisterMissingWp(np, mapped).ok()) {
     fprintf(stderr, "faultline: realloc: cannot register the moved block with userfaultfd\n");

@@ -62,6 +62,10 @@ class AllocEngine {
   // (the old block is untouched).
   void* Reallocate(void* p, size_t size) noexcept;
   size_t UsableSize(const void* p) noexcept;
+  // madvise on managed memory: huge-page advice is ignored (chunks are the
+  // unit), MADV_DONTNEED/MADV_FREE zero the range, anything else goes to
+  // the kernel.
+  int Advise(void* addr, size_t len, int advice) noexcept;
   AllocStats stats() const noexcept;
   const AllocConfig& config() const noexcept { return config_; }
 

@@ -10,6 +10,7 @@
 #include <malloc.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <new>
@@ -152,6 +153,14 @@ __attribute__((visibility("default"))) void* pvalloc(size_t size) {
     return nullptr;
   }
   return AlignedAlloc(ps, size ? (size + ps - 1) / ps * ps : ps);
+}
+
+// NumPy and others advise huge pages (or drop pages) on large blocks; on
+// managed memory the engine decides what that means.
+__attribute__((visibility("default"))) int madvise(void* addr, size_t len, int advice) {
+  AllocEngine* h = faultline::internal::RunningHeap();
+  if (h && len && (h->Owns(addr) || h->Owns(static_cast<char*>(addr) + len - 1))) return h->Advise(addr, len, advice);
+  return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
 }
 
 __attribute__((visibility("default"))) size_t malloc_usable_size(void* p) {

@@ -1,0 +1,100 @@
+// The LD_PRELOAD shim over unmodified programs: the probe program (every
+// allocation function's contract; large blocks well over the budget from
+// several threads with fork and fork + exec; userfaultfd denied by seccomp)
+// and the CLI. Paths come from meson: FAULTLINE_PRELOAD, FAULTLINE_SHIM_PROBE,
+// FAULTLINE_CLI. Exits 77 where userfaultfd is not allowed.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "helpers.h"
+#include "os/uffd.h"
+
+using namespace faultline::test;
+
+namespace {
+
+std::string Env(const char* name) {
+  const char* v = getenv(name);
+  return v ? v : "";
+}
+
+// Runs the probe under the shim with `env` (extra VAR=value words).
+CommandResult Probe(const std::string& args, const std::string& env = "") {
+  return Run("env LD_PRELOAD=" + Env("FAULTLINE_PRELOAD") + " FAULTLINE_SHOW_STATS=1 " + env + " " +
+             Env("FAULTLINE_SHIM_PROBE") + " " + args);
+}
+
+}  // namespace
+
+TEST_CASE("every allocation function keeps its contract under the shim") {
+  auto r = Probe("contract", "FAULTLINE_BUDGET=32M");
+  INFO(r.out);
+  CHECK(r.status == 0);
+  CHECK(r.out.find("faultline managed memory stats") != std::string::npos);
+  CHECK(r.out.find("allocations 0,") == std::string::npos);  // large blocks were managed
+}
+
+TEST_CASE("eight times the budget from several threads, with fork and fork + exec, every byte checked") {
+  TempDir spill;
+  auto r = Probe("work 256 4", "FAULTLINE_BUDGET=32M FAULTLINE_SPILL_DIR=" + spill.path());
+  INFO(r.out);
+  CHECK(r.status == 0);
+  CHECK(r.out.find("spilled 0 ") == std::string::npos);
+  CHECK(spill.List().empty());  // the spill file is unlinked
+}
+
+TEST_CASE("raw spill codec and a small threshold work the same") {
+  auto r = Probe("work 64 2", "FAULTLINE_BUDGET=8M FAULTLINE_SPILL_CODEC=raw FAULTLINE_THRESHOLD=64K");
+  INFO(r.out);
+  CHECK(r.status == 0);
+}
+
+TEST_CASE("where userfaultfd is denied, everything goes to the system allocator, said once") {
+  auto r = Probe("denied", "FAULTLINE_VERBOSE=1");
+  INFO(r.out);
+  if (r.status == 77) return;
+  CHECK(r.status == 0);
+  CHECK(r.out.find("managed memory is off") != std::string::npos);
+}
+
+TEST_CASE("bad option values warn once and keep the defaults") {
+  auto r = Probe("contract", "FAULTLINE_BUDGET=lots FAULTLINE_SPILL_CODEC=lz4 FAULTLINE_THRESHOLD=-1");
+  INFO(r.out);
+  CHECK(r.status == 0);
+  CHECK(r.out.find("FAULTLINE_BUDGET=lots is not") != std::string::npos);
+  CHECK(r.out.find("FAULTLINE_SPILL_CODEC=lz4 is not") != std::string::npos);
+  CHECK(r.out.find("FAULTLINE_THRESHOLD=-1 is not") != std::string::npos);
+}
+
+TEST_CASE("a real program: the CLI packs and verifies under the shim") {
+  TempDir dir;
+  std::vector<std::byte> data = RandomBytes(3 << 20, 5, true);
+  WriteFileBytes(dir / "raw.bin", data);
+  // A safetensors file of one 3 MiB u8 tensor.
+  std::string header = R"({"t":{"dtype":"U8","shape":[3145728],"data_offsets":[0,3145728]}})";
+  std::string st;
+  uint64_t hl = header.size();
+  st.append(reinterpret_cast<const char*>(&hl), 8);
+  st += header;
+  st.append(reinterpret_cast<const char*>(data.data()), data.size());
+  WriteFileBytes(dir / "m.safetensors", st.data(), st.size());
+  std::string pre = "env LD_PRELOAD=" + Env("FAULTLINE_PRELOAD") + " FAULTLINE_BUDGET=4M ";
+  auto p = Run(pre + Env("FAULTLINE_CLI") + " pack " + dir / "m.safetensors" + " -o " + dir / "m.apbundle");
+  INFO(p.out);
+  CHECK(p.status == 0);
+  auto v = Run(pre + Env("FAULTLINE_CLI") + " verify " + dir / "m.apbundle");
+  INFO(v.out);
+  CHECK(v.status == 0);
+}
+
+int main(int argc, char** argv) {
+  if (!faultline::internal::UffdAvailable()) {
+    fprintf(stderr, "skipped: userfaultfd is not allowed here\n");
+    return 77;
+  }
+  doctest::Context ctx(argc, argv);
+  return ctx.run();
+}
