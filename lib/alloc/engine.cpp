@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "alloc/guard.h"
 #include "core/checksum.h"
@@ -141,14 +142,41 @@ Status AllocEngine::Start() {
   stop_fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!stop_fd_.valid()) return Status::Error(errno, "eventfd");
   threads_.clear();
-  for (unsigned i = 0; i < config_.workers; i++) {
-    try {
-      threads_.push_back(new std::thread([this] { Serve(); }));
-    } catch (const std::exception&) {
-      return Status::Error(EAGAIN, "cannot start a managed-memory service thread");
-    }
+  stopping_ = false;
+  try {
+    for (unsigned i = 0; i < config_.workers; i++) threads_.push_back(new std::thread([this] { Serve(); }));
+    threads_.push_back(new std::thread([this] { EvictorLoop(); }));
+  } catch (const std::exception&) {
+    return Status::Error(EAGAIN, "cannot start a managed-memory service thread");
   }
   return Status::Ok();
+}
+
+// Resident bytes above which the evictor works ahead of the faults: a
+// little headroom under the budget, so that a fault rarely has to wait for
+// a dirty chunk to be compressed and written.
+uint64_t AllocEngine::LowWater() const {
+  uint64_t headroom = std::max<uint64_t>(4 * kChunk, config_.budget / 32);
+  return config_.budget > headroom + kChunk ? config_.budget - headroom : config_.budget;
+}
+
+void AllocEngine::KickEvictor() {
+  if (st_.resident_bytes > LowWater()) evict_cv_.notify_one();
+}
+
+void AllocEngine::EvictorLoop() {
+  ScopedInternal internal_calls;
+  sigset_t all;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  std::unique_lock lk(mu_);
+  while (!stopping_) {
+    if (st_.resident_bytes > LowWater() && lru_head_ && !spill_full_) {
+      Evict(lk, lru_head_);
+      continue;
+    }
+    evict_cv_.wait(lk);
+  }
 }
 
 AllocEngine::~AllocEngine() {
@@ -159,6 +187,11 @@ AllocEngine::~AllocEngine() {
   }
   uint64_t one = 1;
   if (stop_fd_.valid()) (void)!write(stop_fd_.get(), &one, sizeof one);
+  {
+    std::lock_guard lk(mu_);
+    stopping_ = true;
+  }
+  evict_cv_.notify_all();
   for (std::thread* t : threads_) {
     t->join();
     delete t;
@@ -190,7 +223,9 @@ void AllocEngine::Serve() {
     if (n <= 0) continue;  // another thread took them
     for (size_t i = 0; i < static_cast<size_t>(n) / sizeof(uffd_msg); i++) {
       if (msgs[i].event != UFFD_EVENT_PAGEFAULT) continue;
-      HandleFault(msgs[i].arg.pagefault.address, (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0);
+      uint64_t flags = msgs[i].arg.pagefault.flags;
+      HandleFault(msgs[i].arg.pagefault.address, (flags & UFFD_PAGEFAULT_FLAG_WP) != 0,
+                  (flags & UFFD_PAGEFAULT_FLAG_WRITE) != 0);
     }
   }
 }
@@ -226,7 +261,7 @@ void AllocEngine::UnlinkResident(Chunk* c) {
   c->resident_listed = false;
 }
 
-void AllocEngine::HandleFault(uintptr_t addr, bool wp) {
+void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
   std::unique_lock lk(mu_);
   Block* b = Find(addr);
   uintptr_t page = addr & ~uintptr_t(4095);
@@ -280,8 +315,13 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp) {
       st_.resident_bytes += kChunk;
       st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);
       LinkResident(c);
+      KickEvictor();
       lk.unlock();
-      int rc = uffd_->ZeroPage(at, kChunk);
+      // A read maps the shared zero page (no memory until written); a
+      // write gets real zeroed pages at once, instead of a copy-on-write
+      // fault per 4 KiB page later.
+      static const std::unique_ptr<unsigned char[]> zeros(new unsigned char[kChunk]());
+      int rc = write ? uffd_->Copy(at, zeros.get(), kChunk) : uffd_->ZeroPage(at, kChunk);
       if (rc != 0) uffd_->Wake(at, kChunk);  // EEXIST: some page raced in
       return;
     }
@@ -475,6 +515,7 @@ void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c) {
   c->state = CState::kClean;
   st_.loads++;
   LinkResident(c);
+  KickEvictor();
   if (c->waiters) {
     // A write faulted on the fresh write protection before the chunk was
     // marked clean: it is woken to fault again and find it clean.
@@ -929,6 +970,11 @@ void AllocEngine::ForkChild() {
   // Only this thread exists here. The service threads and the
   // userfaultfd registration did not come along: make them again.
   threads_.clear();  // they do not exist here; their objects are leaked, never joined
+  // Condition variables the parent's threads were waiting on hold waiters
+  // that do not exist here; signalling them would wait forever. Fresh ones
+  // (the old are not destroyed: that would wait too).
+  new (&evict_cv_) std::condition_variable();
+  new (&idle_cv_) std::condition_variable();
   stop_fd_.reset();
   uffd_.reset();     // the parent's userfaultfd: this copy of the descriptor only
   (void)NewSpillFile();

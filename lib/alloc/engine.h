@@ -81,7 +81,10 @@ class AllocEngine {
   AllocEngine() = default;
   Status Start();                       // uffd + threads (also in a fork child)
   void Serve();                         // a service thread
-  void HandleFault(uintptr_t addr, bool wp);
+  void HandleFault(uintptr_t addr, bool wp, bool write);
+  void EvictorLoop();                   // evicts ahead of the faults
+  uint64_t LowWater() const;
+  void KickEvictor();
   void MakeRoom(std::unique_lock<std::mutex>& lk);
   bool Evict(std::unique_lock<std::mutex>& lk, Chunk* c);
   void Load(std::unique_lock<std::mutex>& lk, Chunk* c);
@@ -111,6 +114,8 @@ class AllocEngine {
 
   mutable std::mutex mu_;
   std::condition_variable idle_cv_;  // a loading/evicting chunk finished
+  std::condition_variable evict_cv_; // resident bytes passed the low-water mark
+  bool stopping_ = false;
   std::map<uintptr_t, std::unique_ptr<Block>> blocks_;
   std::map<uintptr_t, size_t> free_ranges_;  // of the arena
   uintptr_t arena_top_ = 0;

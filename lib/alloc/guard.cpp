@@ -1,15 +1,11 @@
-// The per-thread "inside the engine" flag; see guard.h. Initial-exec TLS: the
-// shim reads it from malloc, possibly before the thread's dynamic TLS exists.
+// The per-thread "inside the engine" flag; see guard.h.
 #include "alloc/guard.h"
 
 namespace faultline::internal {
 
-namespace {
-__attribute__((tls_model("initial-exec"))) thread_local bool t_inside = false;
-}
+__attribute__((tls_model("initial-exec"))) thread_local bool t_inside_engine = false;
 
-bool InsideEngine() noexcept { return t_inside; }
-ScopedInternal::ScopedInternal() noexcept : prev_(t_inside) { t_inside = true; }
-ScopedInternal::~ScopedInternal() { t_inside = prev_; }
+ScopedInternal::ScopedInternal() noexcept : prev_(t_inside_engine) { t_inside_engine = true; }
+ScopedInternal::~ScopedInternal() { t_inside_engine = prev_; }
 
 }  // namespace faultline::internal

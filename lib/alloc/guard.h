@@ -6,8 +6,12 @@
 
 namespace faultline::internal {
 
+// Initial-exec TLS: the shim reads it from malloc, possibly before the
+// thread's dynamic TLS exists.
+extern __attribute__((tls_model("initial-exec"))) thread_local bool t_inside_engine;
+
 // True while this thread is inside the engine (or is a service thread).
-bool InsideEngine() noexcept;
+inline bool InsideEngine() noexcept { return t_inside_engine; }
 
 class ScopedInternal {
  public:

@@ -67,28 +67,26 @@ std::string AllocStats::ToString() const {
 
 namespace internal {
 
+std::atomic<AllocEngine*> g_running_heap{nullptr};
+uint64_t g_heap_threshold = UINT64_MAX;
+
 namespace {
 
 std::mutex g_heap_mu;
-std::atomic<AllocEngine*> g_heap{nullptr};
+std::atomic<AllocEngine*>& g_heap = g_running_heap;
 std::atomic<bool> g_heap_tried{false};
 
 void PrintHeapStats() {
   if (AllocEngine* h = g_heap.load()) fputs(h->stats().ToString().c_str(), stderr);
 }
 
-}  // namespace
-
-uint64_t HeapThreshold() noexcept {
-  static const uint64_t t = [] {
-    uint64_t v = 1 << 20;
-    OptionSize(OptionId::kThreshold, &v);
-    return v;
-  }();
-  return t;
+__attribute__((constructor(101))) void ReadThreshold() {
+  uint64_t v = 1 << 20;
+  OptionSize(OptionId::kThreshold, &v);
+  g_heap_threshold = v;
 }
 
-AllocEngine* RunningHeap() noexcept { return g_heap.load(std::memory_order_acquire); }
+}  // namespace
 
 AllocEngine* TheHeap() noexcept {
   if (AllocEngine* h = g_heap.load(std::memory_order_acquire)) return h;

@@ -5,17 +5,24 @@
 // Thread-safety: any thread; creation is serialized.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "alloc/engine.h"
 
 namespace faultline::internal {
 
+extern std::atomic<AllocEngine*> g_running_heap;
+extern uint64_t g_heap_threshold;
+
 // The heap, made on first call; nullptr when it cannot run here.
 AllocEngine* TheHeap() noexcept;
-// The heap if it is already running (never creates it): for free().
-AllocEngine* RunningHeap() noexcept;
-// FAULTLINE_THRESHOLD (read once).
-uint64_t HeapThreshold() noexcept;
+// The heap if it is already running (never creates it): for free(). Inline:
+// the shim's free() of a small block is a load and a compare.
+inline AllocEngine* RunningHeap() noexcept { return g_running_heap.load(std::memory_order_acquire); }
+// FAULTLINE_THRESHOLD, read by a constructor when the library loads
+// (before that, every size counts as small: the loader's early calls go to
+// the system allocator).
+inline uint64_t HeapThreshold() noexcept { return g_heap_threshold; }
 
 }  // namespace faultline::internal

@@ -33,8 +33,8 @@ using faultline::internal::InsideEngine;
 
 // The heap for an allocation of `size` bytes, or nullptr for glibc.
 inline AllocEngine* HeapFor(size_t size) noexcept {
+  if (__builtin_expect(size < faultline::internal::HeapThreshold(), 1)) return nullptr;
   if (InsideEngine()) return nullptr;
-  if (size < faultline::internal::HeapThreshold()) return nullptr;
   return faultline::internal::TheHeap();
 }
 

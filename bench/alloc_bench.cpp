@@ -1,0 +1,164 @@
+// Managed-memory benchmarks (userfaultfd needed; without it they are skipped).
+//
+// Sweep: write a region four times the budget in order, then read it back,
+// beside the same sweep with a budget as large as the region (no spilling)
+// and beside the limit: the same compress + write + read + decompress work
+// per 64 KiB chunk in a loop, with no faults.
+// SmallAlloc: malloc/free of small sizes through the shim's malloc (the
+// preload library, dlopen'ed so that both run in this process) beside
+// glibc's allocator.
+#include <benchmark/benchmark.h>
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bench_util.h"
+#include "faultline/alloc.hpp"
+
+extern "C" {
+void* __libc_malloc(size_t);
+void __libc_free(void*);
+}
+
+using namespace faultline;
+using namespace faultline::bench;
+
+namespace {
+
+constexpr size_t kChunk = kManagedChunk;
+
+// Sequential write of every chunk, then a read of every byte (summed).
+double Sweep(uint8_t* p, size_t size, const std::vector<std::vector<std::byte>>& src) {
+  auto t0 = Clock::now();
+  for (size_t off = 0; off < size; off += kChunk) memcpy(p + off, src[(off / kChunk) % src.size()].data(), kChunk);
+  uint64_t sum = 0;
+  const auto* w = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < size / 8; i++) sum += w[i];
+  benchmark::DoNotOptimize(sum);
+  return Seconds(t0, Clock::now());
+}
+
+// range(0): region MiB; the budget is a quarter of it.
+void BM_Sweep(benchmark::State& state) {
+  const size_t size = static_cast<size_t>(state.range(0)) << 20;
+  std::vector<std::vector<std::byte>> src(16);
+  for (size_t i = 0; i < src.size(); i++) src[i] = Weights(kChunk, DType::kBF16, 1000 + i);
+  AllocConfig c;
+  c.budget = size / 4;
+  c.zstd_level = 1;
+  AllocConfig roomy = c;
+  roomy.budget = size + kChunk;
+  double managed = 0, unbudgeted = 0, limit = 0;
+  // The limit loop's file and buffers.
+  std::string path = TempPath("alloc-limit");
+  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  unlink(path.c_str());
+  std::vector<uint8_t> mem(size), packed(ZSTD_compressBound(kChunk)), back(kChunk);
+  std::vector<uint32_t> lens(size / kChunk);
+  ZSTD_CCtx* cctx = ZSTD_createCCtx();
+  ZSTD_DCtx* dctx = ZSTD_createDCtx();
+  for (auto _ : state) {
+    {
+      auto r = ManagedRegion::Create(size, c);
+      if (!r.ok()) return state.SkipWithError(r.status().message());
+      double s = Sweep(static_cast<uint8_t*>((*r)->data()), size, src);
+      managed += s;
+      state.SetIterationTime(s);
+      state.counters["spilled_MiB"] = static_cast<double>((*r)->stats().bytes_spilled) / (1 << 20);
+      state.counters["compression"] = (*r)->stats().compression_ratio();
+    }
+    {
+      auto r = ManagedRegion::Create(size, roomy);
+      if (!r.ok()) return state.SkipWithError(r.status().message());
+      unbudgeted += Sweep(static_cast<uint8_t*>((*r)->data()), size, src);
+    }
+    // Limit: the sweep's memory traffic plus, per chunk, compress + write
+    // then read + decompress, as the engine does for a region 4x its budget.
+    auto t0 = Clock::now();
+    for (size_t off = 0; off < size; off += kChunk) {
+      memcpy(mem.data() + off, src[(off / kChunk) % src.size()].data(), kChunk);
+      size_t z = ZSTD_compressCCtx(cctx, packed.data(), packed.size(), mem.data() + off, kChunk, 1);
+      lens[off / kChunk] = static_cast<uint32_t>(z);
+      if (pwrite(fd, packed.data(), (z + 4095) / 4096 * 4096, static_cast<off_t>(off)) < 0) return state.SkipWithError("pwrite");
+    }
+    uint64_t sum = 0;
+    for (size_t off = 0; off < size; off += kChunk) {
+      size_t z = lens[off / kChunk];
+      if (pread(fd, packed.data(), (z + 4095) / 4096 * 4096, static_cast<off_t>(off)) < 0) return state.SkipWithError("pread");
+      ZSTD_decompressDCtx(dctx, back.data(), kChunk, packed.data(), z);
+      const auto* w = reinterpret_cast<const uint64_t*>(back.data());
+      for (size_t i = 0; i < kChunk / 8; i++) sum += w[i];
+    }
+    benchmark::DoNotOptimize(sum);
+    limit += Seconds(t0, Clock::now());
+  }
+  ZSTD_freeCCtx(cctx);
+  ZSTD_freeDCtx(dctx);
+  close(fd);
+  double n = 2.0 * static_cast<double>(size) * static_cast<double>(state.iterations());  // written + read
+  state.counters["managed_MBps"] = n / managed / 1e6;
+  state.counters["no_budget_MBps"] = n / unbudgeted / 1e6;
+  state.counters["limit_MBps"] = n / limit / 1e6;
+  state.counters["ratio_vs_no_budget"] = unbudgeted / managed;
+  state.counters["ratio_vs_limit"] = limit / managed;
+}
+BENCHMARK(BM_Sweep)->Arg(512)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+
+// The shim's malloc and free, from the preload library loaded locally.
+struct Shim {
+  void* (*malloc_fn)(size_t) = nullptr;
+  void (*free_fn)(void*) = nullptr;
+  Shim() {
+    const char* path = getenv("FAULTLINE_PRELOAD");
+    void* h = dlopen(path && *path ? path : "libfaultline-preload.so", RTLD_NOW | RTLD_LOCAL);
+    if (!h) return;
+    malloc_fn = reinterpret_cast<void* (*)(size_t)>(dlsym(h, "malloc"));
+    free_fn = reinterpret_cast<void (*)(void*)>(dlsym(h, "free"));
+  }
+};
+
+// One round: 64 live blocks of sizes 16..1024, replaced one at a time.
+template <typename M, typename F>
+double Churn(M m, F f, int ops) {
+  std::mt19937 rng(7);
+  void* live[64] = {};
+  auto t0 = Clock::now();
+  for (int i = 0; i < ops; i++) {
+    int k = i & 63;
+    if (live[k]) f(live[k]);
+    live[k] = m(16 + (rng() & 1023));
+    static_cast<char*>(live[k])[0] = 1;
+  }
+  for (void* p : live)
+    if (p) f(p);
+  return Seconds(t0, Clock::now());
+}
+
+void BM_SmallAlloc(benchmark::State& state) {
+  static Shim shim;
+  if (!shim.malloc_fn || !shim.free_fn) return state.SkipWithError("libfaultline-preload.so not found (set FAULTLINE_PRELOAD)");
+  const int ops = 1 << 20;
+  std::vector<double> libc_s, shim_s;
+  for (auto _ : state) {
+    // Alternate, so that drift in the machine hits both alike.
+    libc_s.push_back(Churn(__libc_malloc, __libc_free, ops));
+    double s = Churn(shim.malloc_fn, shim.free_fn, ops);
+    shim_s.push_back(s);
+    state.SetIterationTime(s);
+  }
+  double l = Quantile(libc_s, 0.5), s = Quantile(shim_s, 0.5);
+  state.counters["shim_ns_per_op"] = s / ops * 1e9;
+  state.counters["libc_ns_per_op"] = l / ops * 1e9;
+  state.counters["ratio_vs_libc"] = s / l;
+}
+BENCHMARK(BM_SmallAlloc)->UseManualTime()->Iterations(15)->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+BENCHMARK_MAIN();
