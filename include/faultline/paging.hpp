@@ -80,6 +80,7 @@ struct PagingStats {
 
 class PagedBundle;
 class TensorViewFactory;
+void ReopenInChild(PagedBundle* b);  // internal: fork support
 
 // A tensor as mapped: data() is valid until the PagedBundle is destroyed.
 class TensorView {
@@ -165,6 +166,7 @@ class PagedBundle {
  private:
   PagedBundle() = default;
   friend class ModelView;
+  friend void ReopenInChild(PagedBundle* b);
   std::unique_ptr<Impl> impl_;
 };
 

@@ -1,4 +1,5 @@
 // PagedBundle, its views and configuration: the public face of the engine.
+#include <pthread.h>
 #include <algorithm>
 #include <cstdio>
 #include <mutex>
@@ -110,7 +111,58 @@ void UntrackOpen(PagedBundle* b) {
   if (g_open) g_open->erase(std::remove(g_open->begin(), g_open->end(), b), g_open->end());
 }
 
+// fork: every live bundle, so that a child can map its tensors again at the
+// same addresses (the mappings are MADV_DONTFORK: a child without service
+// threads must not see them). DataLoader workers and the like then read the
+// same tensors through the same pointers, served by their own engine.
+std::mutex g_live_mu;
+std::vector<PagedBundle*>* g_live = nullptr;
+
+void LiveAdd(PagedBundle* b) {
+  std::lock_guard<std::mutex> lock(g_live_mu);
+  if (!g_live) {
+    g_live = new std::vector<PagedBundle*>();
+    pthread_atfork([] { g_live_mu.lock(); }, [] { g_live_mu.unlock(); },
+                   [] {
+                     for (PagedBundle* b : *g_live) ReopenInChild(b);
+                     g_live_mu.unlock();
+                   });
+  }
+  g_live->push_back(b);
+}
+
+void LiveRemove(PagedBundle* b) {
+  std::lock_guard<std::mutex> lock(g_live_mu);
+  if (g_live) g_live->erase(std::remove(g_live->begin(), g_live->end(), b), g_live->end());
+}
+
 }  // namespace
+
+void ReopenInChild(PagedBundle* b) {
+  PagedBundle::Impl& im = *b->impl_;
+  // The parent's engine: its threads and descriptors did not come along, so
+  // it is left as it is (never destroyed here; views keep pointing into its
+  // manifest, which stays valid).
+  Engine* old = im.engine.release();
+  auto reader = BundleReader::Open(im.path);
+  if (!reader.ok()) {
+    fprintf(stderr, "faultline: %s cannot be mapped again in a forked child: %s\n", im.path.c_str(),
+            reader.status().message());
+    im.engine.reset(old);  // touching its tensors faults as on unmapped memory
+    return;
+  }
+  PagingConfig c = old->config();
+  c.mode = old->mode();
+  auto e = std::make_unique<Engine>(std::move(reader).value(), c);
+  e->TakeAddressesOf(*old);
+  Status s = e->Start();
+  if (!s.ok()) {
+    fprintf(stderr, "faultline: %s cannot be mapped again in a forked child: %s\n", im.path.c_str(), s.message());
+    im.engine.reset(old);
+    return;
+  }
+  im.engine = std::move(e);
+}
 
 Result<std::unique_ptr<PagedBundle>> PagedBundle::Open(const std::string& path, const PagingConfig& config) {
   FL_ASSIGN_OR_RETURN(auto reader, BundleReader::Open(path));
@@ -120,6 +172,7 @@ Result<std::unique_ptr<PagedBundle>> PagedBundle::Open(const std::string& path, 
   Status s = b->impl_->engine->Start();
   if (!s.ok()) return s.WithPrefix("%s: %s mode", path.c_str(), PagingModeName(config.mode));
   b->impl_->path = path;
+  LiveAdd(b.get());
   if (OptionFlag(OptionId::kShowStats)) TrackOpen(b.get());
   if (OptionFlag(OptionId::kVerbose))
     fprintf(stderr, "faultline: %s paged in %s mode, budget %s\n", path.c_str(),
@@ -128,6 +181,7 @@ Result<std::unique_ptr<PagedBundle>> PagedBundle::Open(const std::string& path, 
 }
 
 PagedBundle::~PagedBundle() {
+  if (impl_) LiveRemove(this);
   if (impl_ && impl_->engine && OptionFlag(OptionId::kShowStats)) {
     UntrackOpen(this);
     PrintStats(impl_->path, impl_->engine->Stats());

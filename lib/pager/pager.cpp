@@ -102,7 +102,16 @@ Status Engine::Start() {
 
   // Reserve the address range, aligned to the largest page size.
   reserve_map_len_ = reserve_len_ + max_page_;
-  void* r = mmap(nullptr, reserve_map_len_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* hint = nullptr;
+  int fixed = 0;
+  if (fixed_reserve_ && fixed_reserve_len_ == reserve_map_len_) {
+    // A fork child taking its parent's addresses: what is left there of the
+    // parent's reservation (the parts not marked MADV_DONTFORK) goes first.
+    munmap(fixed_reserve_, fixed_reserve_len_);
+    hint = fixed_reserve_;
+    fixed = MAP_FIXED_NOREPLACE;
+  }
+  void* r = mmap(hint, reserve_map_len_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | fixed, -1, 0);
   if (r == MAP_FAILED) return Status::Error(errno, "cannot reserve %llu bytes of address space",
                                             static_cast<unsigned long long>(reserve_map_len_));
   reserve_ = static_cast<std::byte*>(r);

@@ -91,6 +91,14 @@ class Engine {
   Engine(std::unique_ptr<BundleReader> reader, const PagingConfig& config);
   ~Engine();
   Status Start();
+  // In a forked child: maps the tensors at the addresses `parent` used (its
+  // range was not inherited), so pointers taken before the fork work in the
+  // child. Call before Start().
+  void TakeAddressesOf(const Engine& parent) noexcept {
+    fixed_reserve_ = parent.reserve_;
+    fixed_reserve_len_ = parent.reserve_map_len_;
+  }
+  const PagingConfig& config() const { return config_; }
 
   const BundleInfo& info() const { return reader_->info(); }
   PagingMode mode() const { return mode_; }
@@ -174,6 +182,8 @@ class Engine {
   // Address space.
   std::byte* reserve_ = nullptr;  // mmap result (view_ aligned within it)
   uint64_t reserve_map_len_ = 0;
+  std::byte* fixed_reserve_ = nullptr;  // TakeAddressesOf
+  uint64_t fixed_reserve_len_ = 0;
   std::byte* view_ = nullptr;
   uint64_t reserve_len_ = 0;
   std::byte* work_ = nullptr;     // guard mode alias

@@ -337,6 +337,30 @@ TEST_CASE("tensors are found by name and by layer prefix, with clear errors") {
   CHECK(m->tensor("layers.1.w")->shape() == std::vector<uint64_t>{256, 1024});
 }
 
+TEST_CASE("a forked child reads the parent's tensors through the same pointers") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  auto b = PagedBundle::Open(path, Config(4 * 65536));
+  REQUIRE(b.ok());
+  std::vector<TensorView> views;
+  for (const auto& sp : specs) views.push_back(*(*b)->model().tensor(sp.name));
+  // Some resident, some not, at the fork.
+  for (size_t i = 0; i < views.size(); i += 2)
+    if (views[i].size()) (void)*static_cast<const volatile std::byte*>(views[i].data());
+  int status = RunInChild([&]() -> int {
+    for (int pass = 0; pass < 2; pass++)
+      for (size_t i = 0; i < specs.size(); i++)
+        if (!specs[i].data.empty() && memcmp(views[i].data(), specs[i].data.data(), specs[i].data.size()) != 0)
+          return 2;
+    return 0;
+  });
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  for (size_t i = 0; i < specs.size(); i++)
+    if (!specs[i].data.empty()) CHECK(memcmp(views[i].data(), specs[i].data.data(), specs[i].data.size()) == 0);
+}
+
 TEST_CASE("one bundle opened twice gives two independent mappings") {
   TempDir dir;
   std::string path = dir / "m.apbundle";
