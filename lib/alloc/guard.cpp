@@ -3,7 +3,7 @@
 
 namespace faultline::internal {
 
-__attribute__((tls_model("initial-exec"))) thread_local bool t_inside_engine = false;
+FAULTLINE_ENGINE_TLS thread_local bool t_inside_engine = false;
 
 ScopedInternal::ScopedInternal() noexcept : prev_(t_inside_engine) { t_inside_engine = true; }
 ScopedInternal::~ScopedInternal() { t_inside_engine = prev_; }

@@ -6,9 +6,16 @@
 
 namespace faultline::internal {
 
-// Initial-exec TLS: the shim reads it from malloc, possibly before the
-// thread's dynamic TLS exists.
-extern __attribute__((tls_model("initial-exec"))) thread_local bool t_inside_engine;
+// In the LD_PRELOAD shim the flag is initial-exec TLS: malloc reads it,
+// possibly before the thread's dynamic TLS exists. Everywhere else (the
+// library, a dlopen'ed Python extension) the default model: initial-exec
+// TLS in a dlopen'ed object fails to load once the static TLS space is used.
+#ifdef FAULTLINE_PRELOAD_BUILD
+#define FAULTLINE_ENGINE_TLS __attribute__((tls_model("initial-exec")))
+#else
+#define FAULTLINE_ENGINE_TLS
+#endif
+extern FAULTLINE_ENGINE_TLS thread_local bool t_inside_engine;
 
 // True while this thread is inside the engine (or is a service thread).
 inline bool InsideEngine() noexcept { return t_inside_engine; }
