@@ -8,6 +8,7 @@ packages=(
   g++ meson ninja-build pkg-config cmake ccache
   liburing-dev libzstd-dev libuv1-dev libxxhash-dev nlohmann-json3-dev python3-numpy
   doctest-dev libbenchmark-dev libopenblas-dev
+  python3-dev pybind11-dev python3-torch python3-pytest
   "$@"
 )
 

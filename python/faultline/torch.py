@@ -1,0 +1,328 @@
+"""PyTorch helpers for faultline.
+
+- ``assign(module, state_dict)``: puts (paged) tensors into a module's
+  parameters and buffers without copying them.
+- ``PlanHooks(module, bundle)``: forward pre-hooks that record the order in
+  which modules run on the first pass and hand it to the pager as the
+  execution plan; later passes advance the plan, so they are prefetched and
+  evicted by it.
+- ``offload(model, budget=...)``: a live model's large parameters moved into
+  managed memory with a resident budget and compressed spill
+  (``OffloadManager``: ``summary()``, ``cleanup()``).
+- ``save(model_or_state_dict, path, ...)``: a bundle written from torch tensors.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from . import Bundle, Size, _native, parse_size
+
+__all__ = ["assign", "PlanHooks", "offload", "OffloadManager", "MemoryConfig", "PRESETS", "save"]
+
+_TORCH_TO_FL = {
+    torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
+    torch.bool: "bool",
+}
+for _name, _fl in (("float8_e4m3fn", "f8_e4m3"), ("float8_e5m2", "f8_e5m2"), ("uint16", "u16"),
+                   ("uint32", "u32"), ("uint64", "u64")):
+    if hasattr(torch, _name):
+        _TORCH_TO_FL[getattr(torch, _name)] = _fl
+
+
+def _split(module: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    parts = name.split(".")
+    for p in parts[:-1]:
+        module = getattr(module, p)
+    return module, parts[-1]
+
+
+def assign(module: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
+    """Makes the module's parameters and buffers *be* the given tensors (no copy).
+
+    Parameters become ``requires_grad=False`` (paged tensors are read-only).
+    With strict, names missing on either side or shapes that differ raise
+    KeyError/ValueError naming them."""
+    own = dict(module.named_parameters())
+    own.update(dict(module.named_buffers()))
+    if strict:
+        missing = sorted(set(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"state_dict does not match the module: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, t in state_dict.items():
+        if name not in own:
+            continue
+        if tuple(own[name].shape) != tuple(t.shape):
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match the module's {tuple(own[name].shape)}")
+        owner, leaf = _split(module, name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        else:
+            owner._buffers[leaf] = t
+    return module
+
+
+class PlanHooks:
+    """Prefetch from the model itself.
+
+    Forward pre-hooks on every module that owns parameters: on the first
+    forward pass they record the order in which modules run; when that pass
+    ends (``stop()``, or the first call of ``finish_recording()``) the order
+    of their tensors becomes the bundle's execution plan. Afterwards each
+    hook tells the pager where the pass is (``Bundle.advance``), so the
+    tensors that follow are loaded ahead and the ones used furthest in the
+    future are evicted first (use ``policy='plan'``).
+
+    ``prefix`` maps module parameter names to bundle tensor names
+    (``prefix + name``); ``model`` names the bundle model."""
+
+    def __init__(self, module: nn.Module, bundle: Bundle, model: Optional[str] = None, prefix: str = ""):
+        self.bundle = bundle
+        self.model = model
+        self.prefix = prefix
+        names = set(bundle.tensors(model))
+        self._order: List[str] = []
+        self._recording = True
+        self._handles = []
+        self.modules_seen: List[str] = []
+        for mname, m in module.named_modules():
+            own = [n for n, _ in m.named_parameters(recurse=False)] + [n for n, _ in m.named_buffers(recurse=False)]
+            tensors = [prefix + (f"{mname}.{n}" if mname else n) for n in own]
+            tensors = [t for t in tensors if t in names]
+            if tensors:
+                self._handles.append(m.register_forward_pre_hook(self._hook(mname, tensors)))
+
+    def _hook(self, mname: str, tensors: List[str]):
+        def hook(_module, _inputs):
+            if self._recording:
+                if mname not in self.modules_seen:
+                    self.modules_seen.append(mname)
+                    self._order.extend(tensors)
+            else:
+                self.bundle.advance(tensors[0], self.model)
+        return hook
+
+    def finish_recording(self) -> List[str]:
+        """Ends the recording pass and installs the plan; returns it."""
+        if self._recording:
+            self._recording = False
+            if self._order:
+                self.bundle.set_plan(self._order, self.model)
+        return list(self._order)
+
+    @property
+    def plan(self) -> List[str]:
+        return list(self._order)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "PlanHooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class MemoryConfig:
+    """What ``offload`` manages and how (the shape of a memory manager's config).
+
+    budget: resident bytes of managed parameters (int or '2G');
+    min_size: parameters smaller than this stay resident (bytes);
+    manage_1d: also manage one-dimensional parameters (biases, norm scales);
+    layer_types: only parameters of these module types (None = any);
+    max_spill: refuse to offload when the worst-case spill (managed - budget)
+      would exceed this many bytes (None = no cap);
+    codec: 'zstd' or 'raw' for spilled chunks; spill_dir: where the spill file goes."""
+
+    def __init__(self, budget: Size = "1G", min_size: Size = 1 << 20, manage_1d: bool = False,
+                 layer_types: Optional[Sequence[Type[nn.Module]]] = None, max_spill: Optional[Size] = None,
+                 codec: str = "zstd", spill_dir: Optional[str] = None):
+        self.budget = parse_size(budget)
+        self.min_size = parse_size(min_size) if min_size else 0
+        self.manage_1d = manage_1d
+        self.layer_types = tuple(layer_types) if layer_types else None
+        self.max_spill = parse_size(max_spill) if max_spill is not None else None
+        if codec not in ("zstd", "raw"):
+            raise ValueError(f"codec '{codec}' is not zstd or raw")
+        self.codec = codec
+        self.spill_dir = spill_dir
+
+
+# Presets: keyword overrides of MemoryConfig; the budget is a fraction of
+# the managed parameters' size unless given.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "low_memory": {"fraction": 0.25, "codec": "zstd", "manage_1d": False, "min_size": 256 << 10},
+    "speed": {"fraction": 0.75, "codec": "raw", "manage_1d": False, "min_size": 4 << 20},
+}
+
+_CHUNK = 64 << 10
+
+
+class OffloadManager:
+    """Large parameters of a live model in managed memory (see ``offload``)."""
+
+    def __init__(self, model: nn.Module, config: MemoryConfig):
+        self.model = model
+        self.config = config
+        chosen: List[Tuple[str, str, nn.Module, str, torch.nn.Parameter]] = []
+        for mname, m in model.named_modules():
+            if config.layer_types and not isinstance(m, config.layer_types):
+                continue
+            for pname, p in m.named_parameters(recurse=False):
+                nbytes = p.numel() * p.element_size()
+                if nbytes < max(config.min_size, 1) or (p.dim() <= 1 and not config.manage_1d):
+                    continue
+                if p.device.type != "cpu":
+                    continue
+                chosen.append((mname, pname, m, f"{mname}.{pname}" if mname else pname, p))
+        self._layout: List[Tuple[str, str, nn.Module, str, int, int]] = []
+        offset = 0
+        for mname, pname, m, full, p in chosen:
+            nbytes = p.numel() * p.element_size()
+            self._layout.append((mname, pname, m, full, offset, nbytes))
+            offset += (nbytes + _CHUNK - 1) // _CHUNK * _CHUNK
+        self.managed_bytes = offset
+        if config.max_spill is not None and offset > config.budget + config.max_spill:
+            raise ValueError(f"offloading {offset} bytes under a budget of {config.budget} could spill "
+                             f"{offset - config.budget} bytes, over max_spill={config.max_spill}")
+        self._region = None
+        if offset == 0:
+            return
+        self._region = _native.Region(offset, config.budget, config.spill_dir or "", config.codec)
+        self._buffer = memoryview(self._region.buffer())
+        for mname, pname, m, full, off, nbytes in self._layout:
+            p = m._parameters[pname]
+            with torch.no_grad():
+                flat = torch.frombuffer(self._buffer, dtype=p.dtype, count=p.numel(), offset=off)
+                t = flat.view(p.shape)
+                t.copy_(p.detach())
+            newp = nn.Parameter(t, requires_grad=p.requires_grad)
+            m._parameters[pname] = newp
+        # The old parameter storage goes when nothing refers to it any more.
+
+    @property
+    def managed(self) -> List[str]:
+        """Names of the managed parameters."""
+        return [full for _, _, _, full, _, _ in self._layout]
+
+    def summary(self) -> Dict[str, Any]:
+        """Managed and resident bytes, spill and fault counters, and per module
+        the bytes managed there."""
+        st = self._region.stats() if self._region else {}
+        per: Dict[str, int] = {}
+        for mname, _, _, _, _, nbytes in self._layout:
+            per[mname or "<root>"] = per.get(mname or "<root>", 0) + nbytes
+        return {
+            "managed_parameters": len(self._layout),
+            "managed_bytes": self.managed_bytes,
+            "budget_bytes": self.config.budget,
+            "resident_bytes": st.get("resident_bytes", 0),
+            "peak_resident_bytes": st.get("peak_resident_bytes", 0),
+            "spilled_bytes": st.get("bytes_spilled", 0),
+            "spill_file_bytes": st.get("spill_file_bytes", 0),
+            "faults": st.get("loads", 0) + st.get("zero_fills", 0),
+            "evictions": st.get("spills", 0) + st.get("clean_drops", 0) + st.get("zero_drops", 0),
+            "compression_ratio": st.get("compression_ratio", 0.0),
+            "per_module": per,
+        }
+
+    def cleanup(self) -> None:
+        """Moves the managed parameters back into ordinary memory and frees
+        the managed region and its spill file."""
+        for mname, pname, m, full, off, nbytes in self._layout:
+            p = m._parameters[pname]
+            m._parameters[pname] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+        self._layout = []
+        self._buffer = None
+        self._region = None
+
+    def __enter__(self) -> "OffloadManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+def offload(model: nn.Module, budget: Optional[Size] = None, preset: Optional[str] = None,
+            config: Optional[MemoryConfig] = None, **kwargs) -> OffloadManager:
+    """Moves a live model's large parameters into managed memory: at most
+    ``budget`` bytes of them stay resident, the rest is compressed and spilled
+    to disk and comes back on touch. One-dimensional parameters stay resident
+    unless ``manage_1d=True``. ``preset`` is 'low_memory' or 'speed'; other
+    keywords are MemoryConfig's. Returns the manager (``summary()``,
+    ``cleanup()``)."""
+    if config is None:
+        opts: Dict[str, Any] = {}
+        fraction = None
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ValueError(f"preset '{preset}' is not one of {sorted(PRESETS)}")
+            opts = dict(PRESETS[preset])
+            fraction = opts.pop("fraction")
+        opts.update(kwargs)
+        if budget is None:
+            if fraction is None:
+                raise ValueError("offload needs a budget (or a preset)")
+            total = sum(p.numel() * p.element_size() for p in model.parameters())
+            budget = max(int(total * fraction), 2 * _CHUNK)
+        config = MemoryConfig(budget=budget, **opts)
+    return OffloadManager(model, config)
+
+
+def _tensor_bytes(t: torch.Tensor):
+    t = t.detach().cpu().contiguous()
+    if t.dtype not in _TORCH_TO_FL:
+        raise ValueError(f"dtype {t.dtype} cannot be stored in a bundle")
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy()
+
+
+def save(obj: Union[nn.Module, Dict[str, torch.Tensor]], path: str, model_name: str = "model",
+         metadata: Optional[Dict[str, Any]] = None, signature: Optional[Dict[str, Any]] = None,
+         config: Optional[Dict[str, Any]] = None, version: str = "", codec: str = "zstd",
+         level: int = 3) -> Dict[str, Any]:
+    """Writes a bundle straight from torch tensors (every dtype, bf16 too).
+
+    obj: a module (its state_dict) or a state dict. metadata: author,
+    license, description go to their fields, everything else to extra (as
+    strings). signature: {'inputs': [{'name', 'dtype', 'shape'}], 'outputs': [...]}
+    with dtypes as faultline names ('f32') and None or a name for a dynamic
+    dimension. config: stored as the 'config' JSON blob (default: the
+    module's ``config`` attribute if it has ``to_dict()``)."""
+    if isinstance(obj, nn.Module):
+        sd = obj.state_dict()
+        if config is None and hasattr(obj, "config") and hasattr(obj.config, "to_dict"):
+            config = obj.config.to_dict()
+    else:
+        sd = obj
+    b = _native.Builder()
+    m = b.add_model(model_name)
+    if version:
+        b.set_version(m, version)
+    md = dict(metadata or {})
+    b.set_info(m, str(md.pop("author", "")), str(md.pop("license", "")), str(md.pop("description", "")))
+    for k, v in md.items():
+        b.set_metadata(m, str(k), v if isinstance(v, str) else json.dumps(v))
+    if signature:
+        b.set_signature(m, signature)
+    if config is not None:
+        b.add_blob(m, "config", "config", "application/json", json.dumps(config, sort_keys=True).encode())
+    seen = {}
+    for name, t in sd.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        data = _tensor_bytes(t)
+        b.add_tensor(m, name, _TORCH_TO_FL[t.dtype], [int(s) for s in t.shape], data if len(data) else b"",
+                     codec, level, False)
+        seen[name] = data  # kept alive until build
+    return b.build(str(path))

@@ -1,0 +1,391 @@
+// faultline._native: the Python binding (pybind11) over the C++ API. The
+// Python package (python/faultline) builds the user-facing API on it:
+// tensors as zero-copy NumPy/torch views of paged memory, managed regions
+// for offloading live models, bundles written from torch tensors.
+// Errors are OSError(errno, message) (FileNotFoundError, ... by errno) or
+// ValueError for bad arguments.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cerrno>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bundle/manifest.h"
+#include "faultline/alloc.hpp"
+#include "faultline/bundle.hpp"
+#include "faultline/cuda.hpp"
+#include "faultline/paging.hpp"
+#include "faultline/size.hpp"
+
+namespace py = pybind11;
+using namespace faultline;
+
+namespace {
+
+// The library's errors are OSError(errno, message): Python picks the
+// subclass (FileNotFoundError for ENOENT, ...). Bad arguments to the binding
+// itself are ValueError (raised where they are checked).
+[[noreturn]] void Raise(const Status& s) {
+  PyErr_SetObject(PyExc_OSError, py::make_tuple(s.code(), std::string(s.message())).ptr());
+  throw py::error_already_set();
+}
+
+template <typename T>
+T Take(Result<T> r) {
+  if (!r.ok()) Raise(r.status());
+  return std::move(r).value();
+}
+
+uint64_t SizeArg(const py::object& v, const char* what) {
+  if (py::isinstance<py::int_>(v)) {
+    long long n = v.cast<long long>();
+    if (n <= 0) throw py::value_error(std::string(what) + " must be positive");
+    return static_cast<uint64_t>(n);
+  }
+  std::string s = py::str(v);
+  uint64_t out = 0;
+  if (!ParseSize(s, &out) || out == 0)
+    throw py::value_error(std::string(what) + " '" + s + "' is not a size (such as 512M or 2G)");
+  return out;
+}
+
+// A read-only window on a paged tensor; keeps its bundle open.
+struct PagedBuffer {
+  std::shared_ptr<PagedBundle> owner;
+  const void* data;
+  size_t size;
+};
+
+// A writable window on managed memory; keeps its region alive.
+struct RegionBuffer {
+  std::shared_ptr<ManagedRegion> owner;
+  void* data;
+  size_t size;
+};
+
+class Bundle {
+ public:
+  Bundle(const std::string& path, const py::object& budget, const std::string& policy, const std::string& mode,
+         int prefetch, int workers) {
+    PagingConfig c = PagingConfig::FromEnvironment();
+    if (!budget.is_none()) c.max_resident = SizeArg(budget, "budget");
+    if (!policy.empty()) {
+      if (policy == "lru") c.policy = EvictionPolicy::kLru;
+      else if (policy == "lfu") c.policy = EvictionPolicy::kLfu;
+      else if (policy == "plan") c.policy = EvictionPolicy::kPlan;
+      else throw py::value_error("policy '" + policy + "' is not lru, lfu or plan");
+    }
+    if (!mode.empty()) {
+      if (mode == "auto") c.mode = PagingMode::kAuto;
+      else if (mode == "uffd") c.mode = PagingMode::kUffd;
+      else if (mode == "guard") c.mode = PagingMode::kGuard;
+      else if (mode == "mmap") c.mode = PagingMode::kMmap;
+      else throw py::value_error("mode '" + mode + "' is not auto, uffd, guard or mmap");
+    }
+    if (prefetch >= 0) c.prefetch_depth = static_cast<unsigned>(prefetch);
+    if (workers >= 0) c.workers = static_cast<unsigned>(workers);
+    std::unique_ptr<PagedBundle> b;
+    {
+      py::gil_scoped_release nogil;
+      auto r = PagedBundle::Open(path, c);
+      if (!r.ok()) {
+        py::gil_scoped_acquire gil;
+        Raise(r.status());
+      }
+      b = std::move(r).value();
+    }
+    b_ = std::move(b);
+    path_ = path;
+  }
+
+  PagedBundle& get() const {
+    if (!b_) throw py::value_error("the bundle is closed");
+    return *b_;
+  }
+
+  std::string manifest() const { return internal::ManifestToJson(get().info()); }
+  std::string mode() const { return PagingModeName(get().mode()); }
+
+  TensorView view(const std::string& model, const std::string& name) const {
+    auto m = model.empty() ? Result<ModelView>(get().model()) : get().model(model);
+    if (!m.ok()) Raise(m.status());
+    return Take(m->tensor(name));
+  }
+
+  PagedBuffer buffer(const std::string& model, const std::string& name) const {
+    TensorView t = view(model, name);
+    return PagedBuffer{b_, t.data(), static_cast<size_t>(t.size())};
+  }
+
+  py::bytes blob(const std::string& model, const std::string& name) const {
+    // Blobs are small (configs): read them through a reader of the same file.
+    const BundleInfo& info = get().info();
+    const ModelInfo* m = model.empty() ? &info.models.at(0) : info.FindModel(model);
+    if (!m) Raise(Status::Error(ENOENT, "no model '%s' in the bundle", model.c_str()));
+    const BlobInfo* b = m->FindBlob(name);
+    if (!b) Raise(Status::Error(ENOENT, "no blob '%s' in model '%s'", name.c_str(), m->name.c_str()));
+    if (!blob_reader_) blob_reader_ = Take(BundleReader::Open(path_));
+    return py::bytes(Take(blob_reader_->ReadBlob(*b)));
+  }
+
+  void prefetch(const std::string& model, const std::string& name) { get().Prefetch(view(model, name)); }
+  void dont_need(const std::string& model, const std::string& name) { get().DontNeed(view(model, name)); }
+  void pin(const std::string& model, const std::string& name) {
+    TensorView t = view(model, name);
+    Status s;
+    {
+      py::gil_scoped_release nogil;
+      s = get().Pin(t);
+    }
+    if (!s.ok()) Raise(s);
+  }
+  void unpin(const std::string& model, const std::string& name) { get().Unpin(view(model, name)); }
+  void set_plan(const std::vector<std::pair<std::string, std::string>>& order) {
+    std::vector<TensorView> v;
+    for (auto& [m, n] : order) v.push_back(view(m, n));
+    get().SetPlan(v);
+  }
+  void start_recording() { get().StartRecordingPlan(); }
+  void stop_recording() { get().StopRecordingPlan(); }
+  void advance(const std::string& model, const std::string& name) { get().Advance(view(model, name)); }
+
+  py::dict stats() const {
+    PagingStats s = get().stats();
+    py::dict d;
+    d["faults"] = s.faults;
+    d["fault_waits"] = s.fault_waits;
+    d["loads"] = s.loads;
+    d["prefetched"] = s.prefetched;
+    d["evictions"] = s.evictions;
+    d["errors"] = s.errors;
+    d["bytes_read"] = s.bytes_read;
+    d["bytes_decompressed"] = s.bytes_decompressed;
+    d["resident_bytes"] = s.resident_bytes;
+    d["peak_resident_bytes"] = s.peak_resident_bytes;
+    d["budget_bytes"] = s.budget_bytes;
+    d["latency_p50_us"] = s.fault_latency.p50_us;
+    d["latency_p99_us"] = s.fault_latency.p99_us;
+    py::list per;
+    for (const TensorStats& t : s.tensors) {
+      py::dict e;
+      e["model"] = t.model;
+      e["tensor"] = t.tensor;
+      e["faults"] = t.faults;
+      e["loads"] = t.loads;
+      e["prefetched"] = t.prefetched;
+      e["evictions"] = t.evictions;
+      per.append(e);
+    }
+    d["tensors"] = per;
+    return d;
+  }
+
+  void close() { b_.reset(); }
+
+ private:
+  std::shared_ptr<PagedBundle> b_;
+  std::string path_;
+  mutable std::unique_ptr<BundleReader> blob_reader_;  // blobs are read on demand, not paged
+};
+
+py::dict AllocStatsDict(const AllocStats& s) {
+  py::dict d;
+  d["allocations"] = s.allocations;
+  d["bytes_managed"] = s.bytes_managed;
+  d["resident_bytes"] = s.resident_bytes;
+  d["peak_resident_bytes"] = s.peak_resident_bytes;
+  d["budget_bytes"] = s.budget_bytes;
+  d["zero_fills"] = s.zero_fills;
+  d["spills"] = s.spills;
+  d["clean_drops"] = s.clean_drops;
+  d["zero_drops"] = s.zero_drops;
+  d["loads"] = s.loads;
+  d["write_faults"] = s.write_faults;
+  d["errors"] = s.errors;
+  d["bytes_spilled"] = s.bytes_spilled;
+  d["bytes_stored"] = s.bytes_stored;
+  d["spill_file_bytes"] = s.spill_file_bytes;
+  d["compression_ratio"] = s.compression_ratio();
+  return d;
+}
+
+class Region {
+ public:
+  Region(const py::object& size, const py::object& budget, const std::string& spill_dir, const std::string& codec) {
+    AllocConfig c = AllocConfig::FromEnvironment();
+    if (!budget.is_none()) c.budget = SizeArg(budget, "budget");
+    if (!spill_dir.empty()) c.spill_dir = spill_dir;
+    if (codec == "raw") c.zstd_level = 0;
+    else if (!codec.empty() && codec != "zstd") throw py::value_error("codec '" + codec + "' is not zstd or raw");
+    r_ = Take(ManagedRegion::Create(SizeArg(size, "size"), c));
+  }
+  RegionBuffer buffer() const { return RegionBuffer{r_, r_->data(), r_->size()}; }
+  size_t size() const { return r_->size(); }
+  uintptr_t address() const { return reinterpret_cast<uintptr_t>(r_->data()); }
+  py::dict stats() const { return AllocStatsDict(r_->stats()); }
+
+ private:
+  std::shared_ptr<ManagedRegion> r_;
+};
+
+std::vector<SigDim> SigShape(const py::list& dims) {
+  std::vector<SigDim> out;
+  for (const py::handle& d : dims) {
+    SigDim s;
+    if (d.is_none()) s.size = -1;
+    else if (py::isinstance<py::str>(d)) s.name = d.cast<std::string>();
+    else s.size = d.cast<int64_t>();
+    out.push_back(s);
+  }
+  return out;
+}
+
+std::vector<TensorSignature> SigList(const py::handle& items) {
+  std::vector<TensorSignature> out;
+  if (items.is_none()) return out;
+  for (const py::handle& it : items) {
+    py::dict d = py::reinterpret_borrow<py::dict>(it);
+    TensorSignature t;
+    t.name = d["name"].cast<std::string>();
+    auto dt = ParseDType(d["dtype"].cast<std::string>());
+    if (!dt) throw py::value_error("signature dtype '" + d["dtype"].cast<std::string>() + "' is unknown");
+    t.dtype = *dt;
+    t.shape = SigShape(py::reinterpret_borrow<py::list>(d["shape"]));
+    out.push_back(t);
+  }
+  return out;
+}
+
+class Builder {
+ public:
+  int add_model(const std::string& name) {
+    models_.push_back(&b_.AddModel(name));
+    return static_cast<int>(models_.size() - 1);
+  }
+  ModelBuilder& model(int m) {
+    if (m < 0 || static_cast<size_t>(m) >= models_.size()) throw py::value_error("no such model index");
+    return *models_[m];
+  }
+  void add_tensor(int m, const std::string& name, const std::string& dtype, const std::vector<uint64_t>& shape,
+                  const py::buffer& data, const std::string& codec, int level, bool shuffle) {
+    auto dt = ParseDType(dtype);
+    if (!dt) throw py::value_error("dtype '" + dtype + "' is unknown");
+    py::buffer_info info = data.request();
+    TensorOptions o;
+    if (!ParseCodec(codec, &o.codec)) throw py::value_error("codec '" + codec + "' is not zstd or raw");
+    o.level = level;
+    o.shuffle = shuffle;
+    keep_.push_back(data);  // the bytes must live until build()
+    size_t n = static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize);
+    model(m).AddTensor(name, *dt, shape, {static_cast<const std::byte*>(info.ptr), n}, o);
+  }
+  void set_metadata(int m, const std::string& key, const std::string& value) { model(m).SetMetadataValue(key, value); }
+  void set_info(int m, const std::string& author, const std::string& license, const std::string& description) {
+    ModelMetadata md;
+    md.author = author;
+    md.license = license;
+    md.description = description;
+    model(m).SetMetadata(md);
+  }
+  void set_version(int m, const std::string& v) { model(m).SetVersion(v); }
+  void set_signature(int m, const py::dict& sig) {
+    Signature s;
+    py::object in = sig.contains("inputs") ? py::object(sig["inputs"]) : py::object(py::none());
+    py::object out = sig.contains("outputs") ? py::object(sig["outputs"]) : py::object(py::none());
+    s.inputs = SigList(in);
+    s.outputs = SigList(out);
+    model(m).SetSignature(s);
+  }
+  void add_blob(int m, const std::string& name, const std::string& kind, const std::string& media_type,
+                const py::bytes& bytes) {
+    BlobKind k;
+    if (!ParseBlobKind(kind, &k)) throw py::value_error("blob kind '" + kind + "' is unknown");
+    model(m).AddBlob(name, k, media_type, std::string(bytes));
+  }
+  py::dict build(const std::string& path) {
+    Result<BuildSummary> r = Status::Error(EINVAL, "not built");
+    {
+      py::gil_scoped_release nogil;
+      r = b_.Build(path);
+    }
+    keep_.clear();
+    BuildSummary s = Take(std::move(r));
+    py::dict d;
+    d["logical_bytes"] = s.logical_bytes;
+    d["stored_bytes"] = s.stored_bytes;
+    d["file_size"] = s.file_size;
+    d["unique_frames"] = s.unique_frames;
+    d["seconds"] = s.seconds;
+    return d;
+  }
+
+ private:
+  BundleBuilder b_;
+  std::vector<ModelBuilder*> models_;
+  std::vector<py::buffer> keep_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "faultline native binding (use the faultline package)";
+  m.def("version", [] { return std::string(Version()); });
+  m.def("has_cuda", [] { return cuda::Available(); });
+  m.def("parse_size", [](const py::object& v) { return SizeArg(v, "size"); });
+
+  py::class_<PagedBuffer>(m, "PagedBuffer", py::buffer_protocol())
+      .def_buffer([](PagedBuffer& b) {
+        return py::buffer_info(const_cast<void*>(b.data), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size)}, {1}, /*readonly=*/true);
+      })
+      .def_property_readonly("address", [](const PagedBuffer& b) { return reinterpret_cast<uintptr_t>(b.data); })
+      .def("__len__", [](const PagedBuffer& b) { return b.size; });
+
+  py::class_<RegionBuffer>(m, "RegionBuffer", py::buffer_protocol())
+      .def_buffer([](RegionBuffer& b) {
+        return py::buffer_info(b.data, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size)}, {1}, /*readonly=*/false);
+      })
+      .def("__len__", [](const RegionBuffer& b) { return b.size; });
+
+  py::class_<Bundle>(m, "Bundle")
+      .def(py::init<const std::string&, const py::object&, const std::string&, const std::string&, int, int>(),
+           py::arg("path"), py::arg("budget") = py::none(), py::arg("policy") = "", py::arg("mode") = "",
+           py::arg("prefetch") = -1, py::arg("workers") = -1)
+      .def("manifest", &Bundle::manifest)
+      .def("mode", &Bundle::mode)
+      .def("buffer", &Bundle::buffer)
+      .def("blob", &Bundle::blob)
+      .def("prefetch", &Bundle::prefetch)
+      .def("dont_need", &Bundle::dont_need)
+      .def("pin", &Bundle::pin)
+      .def("unpin", &Bundle::unpin)
+      .def("set_plan", &Bundle::set_plan)
+      .def("start_recording", &Bundle::start_recording)
+      .def("stop_recording", &Bundle::stop_recording)
+      .def("advance", &Bundle::advance)
+      .def("stats", &Bundle::stats)
+      .def("close", &Bundle::close);
+
+  py::class_<Region>(m, "Region")
+      .def(py::init<const py::object&, const py::object&, const std::string&, const std::string&>(), py::arg("size"),
+           py::arg("budget") = py::none(), py::arg("spill_dir") = "", py::arg("codec") = "")
+      .def("buffer", &Region::buffer)
+      .def_property_readonly("size", &Region::size)
+      .def_property_readonly("address", &Region::address)
+      .def("stats", &Region::stats);
+
+  py::class_<Builder>(m, "Builder")
+      .def(py::init<>())
+      .def("add_model", &Builder::add_model)
+      .def("add_tensor", &Builder::add_tensor, py::arg("model"), py::arg("name"), py::arg("dtype"), py::arg("shape"),
+           py::arg("data"), py::arg("codec") = "zstd", py::arg("level") = 3, py::arg("shuffle") = false)
+      .def("set_metadata", &Builder::set_metadata)
+      .def("set_info", &Builder::set_info)
+      .def("set_version", &Builder::set_version)
+      .def("set_signature", &Builder::set_signature)
+      .def("add_blob", &Builder::add_blob)
+      .def("build", &Builder::build);
+}

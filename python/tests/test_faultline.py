@@ -1,0 +1,224 @@
+"""The Python package: paged bundles as zero-copy torch/NumPy tensors, plans
+recorded from a model's forward order, live models offloaded under a budget,
+bundles saved from torch, DataLoader workers (fork), bad input."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import faultline
+import faultline.torch as ft
+
+
+def mlp(width=512, layers=8, seed=0):
+    torch.manual_seed(seed)
+    mods = []
+    for _ in range(layers):
+        mods += [nn.Linear(width, width), nn.LayerNorm(width), nn.ReLU()]
+    return nn.Sequential(*mods).eval()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = mlp()
+    path = tmp_path / "mlp.apbundle"
+    ft.save(model, path, model_name="mlp", metadata={"author": "tests", "license": "MIT", "epochs": 3},
+            signature={"inputs": [{"name": "x", "dtype": "f32", "shape": ["batch", 512]}],
+                       "outputs": [{"name": "y", "dtype": "f32", "shape": [None, 512]}]},
+            config={"width": 512, "layers": 8})
+    return model, str(path)
+
+
+def test_every_dtype_round_trips_zero_copy(tmp_path):
+    sd = {
+        "f32": torch.randn(3, 5),
+        "f64": torch.randn(7, dtype=torch.float64),
+        "f16": torch.randn(4, 4).half(),
+        "bf16": torch.randn(33, 17).bfloat16(),
+        "i64": torch.arange(10),
+        "i32": torch.arange(10, dtype=torch.int32),
+        "i16": torch.arange(-5, 5, dtype=torch.int16),
+        "i8": torch.arange(-5, 5, dtype=torch.int8),
+        "u8": torch.arange(200, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "big": torch.randn(300, 1000),  # several frames
+    }
+    path = str(tmp_path / "all.apbundle")
+    ft.save(sd, path)
+    b = faultline.open(path, budget="256K")
+    got = b.state_dict()
+    assert sorted(got) == sorted(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype, k
+        assert got[k].shape == v.shape, k
+        assert torch.equal(got[k], v), k
+    # Shared with the paged memory, not copied.
+    buf = b.buffer("big")
+    assert got["big"].data_ptr() == np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
+    arrays = b.numpy()
+    assert np.array_equal(arrays["f32"], sd["f32"].numpy())
+    assert arrays["bf16"].dtype == np.uint16  # NumPy has no bfloat16: raw bits
+    assert np.array_equal(arrays["bf16"], sd["bf16"].view(torch.int16).numpy().view(np.uint16))
+    assert not arrays["f32"].flags.writeable
+
+
+def test_metadata_signature_config_and_errors(saved):
+    _, path = saved
+    b = faultline.open(path)
+    assert b.models == ["mlp"]
+    md = b.metadata()
+    assert md["author"] == "tests" and md["license"] == "MIT" and md["extra"]["epochs"] == "3"
+    sig = b.signature("mlp")
+    assert sig["inputs"][0]["name"] == "x"
+    assert b.config() == {"layers": 8, "width": 512}
+    info = b.tensor_info("0.weight")
+    assert info["dtype"] == "f32" and info["shape"] == [512, 512]
+    with pytest.raises(FileNotFoundError, match="no model 'nope'"):
+        b.state_dict("nope")
+    with pytest.raises(FileNotFoundError, match="no tensor"):
+        b.tensor("nope")
+    with pytest.raises(ValueError, match="not a size"):
+        faultline.open(path, budget="lots")
+    with pytest.raises(ValueError, match="policy"):
+        faultline.open(path, policy="fifo")
+    with pytest.raises(FileNotFoundError):
+        faultline.open(path + ".missing")
+
+
+def test_not_a_bundle(tmp_path):
+    p = tmp_path / "x.apbundle"
+    p.write_bytes(b"this is not a bundle" * 100)
+    with pytest.raises(OSError) as e:
+        faultline.open(str(p))
+    assert "x.apbundle" in str(e.value) and "header" in str(e.value)
+
+
+def test_forward_over_paged_weights_a_quarter_of_the_model(saved):
+    model, path = saved
+    size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    b = faultline.open(path, budget=size // 4, policy="lru")
+    twin = ft.assign(mlp(seed=1), b.state_dict())
+    x = torch.randn(16, 512)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(twin(x), want)
+        assert torch.equal(twin(x), want)
+    st = b.stats()
+    assert st["evictions"] > 0
+    assert st["peak_resident_bytes"] <= st["budget_bytes"]
+    # load_state_dict (a copy) works on the same dict too.
+    copy = mlp(seed=2)
+    copy.load_state_dict(b.state_dict())
+    with torch.no_grad():
+        assert torch.equal(copy(x), want)
+
+
+def test_plan_recorded_from_forward_hooks_drives_prefetch(saved):
+    model, path = saved
+    size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    b = faultline.open(path, budget=size // 4, policy="plan")
+    twin = ft.assign(mlp(seed=1), b.state_dict())
+    hooks = ft.PlanHooks(twin, b)
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(twin(x), want)
+        plan = hooks.finish_recording()
+        assert plan[:2] == ["0.weight", "0.bias"]
+        assert len(plan) == len(model.state_dict())
+        before = b.stats()["prefetched"]
+        for _ in range(3):
+            assert torch.equal(twin(x), want)
+    assert b.stats()["prefetched"] > before
+    hooks.remove()
+
+
+def test_offload_a_live_model_under_a_budget(tmp_path):
+    model = mlp(width=512, layers=8)
+    ref = mlp(width=512, layers=8)
+    ref.load_state_dict(model.state_dict())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    mgr = ft.offload(model, budget=total // 4, spill_dir=str(tmp_path))
+    assert "0.weight" in mgr.managed
+    assert "0.bias" not in mgr.managed  # one-dimensional parameters stay resident
+    x = torch.randn(8, 512)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(x), ref(x))
+    s = mgr.summary()
+    assert s["managed_parameters"] == 8
+    assert s["peak_resident_bytes"] <= total // 4
+    assert s["spilled_bytes"] > 0 and s["faults"] > 0 and s["evictions"] > 0
+    assert s["per_module"]["0"] == 512 * 512 * 4
+    # Training still works on managed parameters.
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = model(x).square().mean()
+    loss.backward()
+    opt.step()
+    mgr.cleanup()
+    assert mgr.summary()["managed_parameters"] == 0
+    with torch.no_grad():
+        model(x)
+
+
+def test_offload_presets_types_and_caps():
+    model = mlp(width=256, layers=4)
+    mgr = ft.offload(model, preset="low_memory")
+    assert mgr.summary()["managed_parameters"] == 4
+    mgr.cleanup()
+    mgr = ft.offload(model, budget="1M", layer_types=[nn.LayerNorm], manage_1d=True, min_size=0)
+    assert all(".weight" in n or ".bias" in n for n in mgr.managed)
+    assert mgr.summary()["managed_parameters"] == 8
+    mgr.cleanup()
+    with pytest.raises(ValueError, match="max_spill"):
+        ft.offload(model, budget="128K", max_spill="64K", min_size=0)
+    with pytest.raises(ValueError, match="preset"):
+        ft.offload(model, preset="fastest")
+    with pytest.raises(ValueError, match="not a size"):
+        ft.offload(model, budget="a lot")
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, t):
+        self.t = t
+
+    def __len__(self):
+        return self.t.shape[0]
+
+    def __getitem__(self, i):
+        return self.t[i].clone()
+
+
+def test_dataloader_workers_read_paged_tensors(tmp_path):
+    data = torch.randn(4096, 64)
+    path = str(tmp_path / "data.apbundle")
+    ft.save({"rows": data}, path)
+    b = faultline.open(path, budget="128K")
+    rows = b.tensor("rows")
+    loader = torch.utils.data.DataLoader(Rows(rows), batch_size=256, num_workers=2,
+                                         multiprocessing_context="fork")
+    got = torch.cat(list(loader))
+    assert torch.equal(got, data)
+
+
+def test_unpack_writes_safetensors_that_load_back(tmp_path, saved):
+    _, path = saved
+    cli = os.environ.get("FAULTLINE_CLI")
+    if not cli:
+        pytest.skip("FAULTLINE_CLI not set")
+    out = tmp_path / "out"
+    subprocess.run([cli, "unpack", path, "-o", str(out)], check=True, capture_output=True)
+    st = out / "mlp.safetensors"
+    raw = st.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    b = faultline.open(path)
+    for name in b.tensors():
+        start, end = header[name]["data_offsets"]
+        assert raw[8 + n + start:8 + n + end] == bytes(b.buffer(name))
