@@ -8,7 +8,7 @@ packages=(
   g++ meson ninja-build pkg-config cmake ccache
   liburing-dev libzstd-dev libuv1-dev libxxhash-dev nlohmann-json3-dev python3-numpy
   doctest-dev libbenchmark-dev libopenblas-dev
-  python3-dev pybind11-dev python3-torch python3-pytest
+  python3-dev python3-venv pybind11-dev python3-torch python3-pytest
   "$@"
 )
 
@@ -17,10 +17,25 @@ for p in "${packages[@]}"; do
   status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
   [[ "$status" == "install ok installed" ]] || missing+=("$p")
 done
-[[ ${#missing[@]} -eq 0 ]] && exit 0
+if [[ ${#missing[@]} -gt 0 ]]; then
+  sudo=()
+  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+  echo "installing: ${missing[*]}" >&2
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
 
-sudo=()
-[[ $(id -u) -eq 0 ]] || sudo=(sudo)
-echo "installing: ${missing[*]}" >&2
-"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+# The reference safetensors library (not packaged by Debian 12) from PyPI,
+# for the Python interoperability tests, into .pydeps/ (not a system path).
+# Best effort: without it (no network) those tests are skipped.
+cd "$(dirname "$0")/.."
+if [[ ! -d .pydeps/safetensors ]]; then
+  venv=$(mktemp -d)
+  if /usr/bin/python3 -m venv "$venv" >/dev/null 2>&1 &&
+     "$venv/bin/pip" install -q --disable-pip-version-check --target .pydeps "safetensors>=0.4" >/dev/null 2>&1; then
+    echo "installed safetensors into .pydeps/" >&2
+  else
+    echo "note: could not install safetensors from PyPI; its interoperability tests will be skipped" >&2
+  fi
+  rm -rf "$venv"
+fi

@@ -222,3 +222,30 @@ def test_unpack_writes_safetensors_that_load_back(tmp_path, saved):
     for name in b.tensors():
         start, end = header[name]["data_offsets"]
         assert raw[8 + n + start:8 + n + end] == bytes(b.buffer(name))
+
+
+def test_reference_safetensors_files_pack_bit_exactly_and_unpack_opens(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    from safetensors import safe_open
+
+    cli = os.environ.get("FAULTLINE_CLI")
+    if not cli:
+        pytest.skip("FAULTLINE_CLI not set")
+    sd = {"emb": torch.randn(1000, 64), "w": torch.randn(64, 64).bfloat16(), "ids": torch.arange(17),
+          "mask": torch.tensor([True, False])}
+    src = tmp_path / "ref.safetensors"
+    st.save_file(sd, str(src))
+    bundle = tmp_path / "ref.apbundle"
+    subprocess.run([cli, "pack", str(src), "-o", str(bundle)], check=True, capture_output=True)
+    b = faultline.open(str(bundle))
+    for k, v in sd.items():
+        assert torch.equal(b.tensor(k), v), k
+    out = tmp_path / "out"
+    subprocess.run([cli, "unpack", str(bundle), "-o", str(out)], check=True, capture_output=True)
+    files = list(out.glob("*.safetensors"))
+    assert len(files) == 1
+    assert files[0].read_bytes() == src.read_bytes()  # the reference layout, byte for byte
+    with safe_open(str(files[0]), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(sd)
+        for k in f.keys():
+            assert torch.equal(f.get_tensor(k), sd[k]), k

@@ -1,0 +1,113 @@
+"""Benchmark: a model four times the paging budget, loaded and run three ways
+in one run, each in its own process (so peak RSS is its own):
+
+  faultline   open(budget=model/4, policy='plan') + assign + PlanHooks
+  torch.load  torch.load of a state dict + load_state_dict, fully resident
+  safetensors safetensors.torch.load_file + load_state_dict (if installed)
+
+Reported: time to the first forward pass (from nothing loaded to its
+output), steady passes per second (median of 5), peak RSS, and ratios
+against torch.load. Exit 77 where torch is missing."""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import torch
+except ImportError:
+    print("skipped: no torch")
+    sys.exit(77)
+
+WIDTH, LAYERS, BATCH = 2048, 16, 32  # 256 MiB of f32 weights
+
+CHILD = r"""
+import json, statistics, sys, time, torch
+def hwm_kib():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the process
+    # that forked this one (the parent holds the whole state dict).
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+from torch import nn
+kind, path, width, layers, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(2)
+import faultline, faultline.torch as ft
+def skeleton():
+    # No weights allocated: every loader puts its tensors in with ft.assign.
+    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width, device="meta"), nn.ReLU())]).eval()
+x = torch.randn(batch, width)
+t0 = time.perf_counter()
+model = skeleton()
+if kind == "faultline":
+    size = layers * (width * width + width) * 4
+    b = faultline.open(path, budget=size // 4, policy="plan")
+    ft.assign(model, b.state_dict())
+    hooks = ft.PlanHooks(model, b)
+elif kind == "torch":
+    ft.assign(model, torch.load(path))
+else:
+    import safetensors.torch as st
+    ft.assign(model, st.load_file(path))
+with torch.no_grad():
+    y = model(x)
+first = time.perf_counter() - t0
+if kind == "faultline":
+    hooks.finish_recording()
+passes = []
+with torch.no_grad():
+    for _ in range(5):
+        t = time.perf_counter()
+        model(x)
+        passes.append(time.perf_counter() - t)
+print(json.dumps({"first_s": first, "pass_s": statistics.median(passes),
+                  "rss_mib": hwm_kib() / 1024,
+                  "checksum": float(y.double().sum())}))
+"""
+
+
+def main():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(LAYERS) for m in (nn.Linear(WIDTH, WIDTH), nn.ReLU())])
+    sd = model.state_dict()
+    with tempfile.TemporaryDirectory() as d:
+        import faultline.torch as ft
+
+        paths = {"faultline": os.path.join(d, "m.apbundle"), "torch": os.path.join(d, "m.pt"),
+                 "safetensors": os.path.join(d, "m.safetensors")}
+        ft.save(sd, paths["faultline"])
+        torch.save(sd, paths["torch"])
+        kinds = ["faultline", "torch"]
+        try:
+            import safetensors.torch as st
+
+            st.save_file(sd, paths["safetensors"])
+            kinds.append("safetensors")
+        except ImportError:
+            pass
+        res = {}
+        for k in kinds:
+            out = subprocess.run([sys.executable, "-c", CHILD, k, paths[k], str(WIDTH), str(LAYERS), str(BATCH)],
+                                 check=True, capture_output=True, text=True, env=os.environ)
+            res[k] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = res["torch"]
+    print(f"model {LAYERS} x {WIDTH}x{WIDTH} f32 = {LAYERS * WIDTH * WIDTH * 4 >> 20} MiB, faultline budget a quarter")
+    print(f"{'loader':12} {'first pass s':>12} {'passes/s':>9} {'peak RSS MiB':>13} {'first vs torch':>15} "
+          f"{'passes/s vs torch':>18}")
+    for k, r in res.items():
+        print(f"{k:12} {r['first_s']:12.3f} {1 / r['pass_s']:9.1f} {r['rss_mib']:13.0f} "
+              f"{r['first_s'] / base['first_s']:15.2f} {base['pass_s'] / r['pass_s']:18.3f}")
+    sums = {round(r["checksum"], 3) for r in res.values()}
+    if len(sums) != 1:
+        print("outputs differ:", {k: r["checksum"] for k, r in res.items()})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
