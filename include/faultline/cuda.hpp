@@ -103,6 +103,7 @@ struct DeviceStats {
   uint64_t discards = 0, bytes_discarded = 0;     // copies dropped (back to the bundle on disk)
   uint64_t decodes = 0, bytes_decoded = 0;        // tensors decoded from the bundle into managed pages
   uint64_t errors = 0;                            // tensors that could not be decoded
+  uint64_t spilled_written = 0, restored_written = 0;  // written tensors moved to / back from the allocator
   uint64_t begin_waits = 0;                       // Begin() found its step not yet issued
   uint64_t device_resident = 0, peak_device_resident = 0;
   uint64_t host_resident = 0, peak_host_resident = 0;
@@ -131,6 +132,12 @@ class DeviceBundle {
   // Every tensor of `model` whose name starts with `prefix`, in bundle order.
   std::vector<DeviceTensor> layer(std::string_view model, std::string_view prefix) const;
   Status Advise(const DeviceTensor& t, const Advice& advice);
+  // The tensor's contents were changed (by a kernel or the host), so the
+  // bundle no longer has them: it is never discarded, and when the monitor
+  // (or the host budget) moves it off the host it is spilled through the
+  // allocator (faultline::Allocate: compressed, on disk under its budget)
+  // and copied back when needed.
+  Status MarkWritten(const DeviceTensor& t);
 
   // The execution plan: the steps of one pass, each the tensors it uses
   // (cyclic: after the last step comes the first).

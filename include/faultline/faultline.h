@@ -202,6 +202,9 @@ int faultline_device_set_plan(faultline_device* device, const char* model, const
 /* Step `step` is usable by work queued on `stream` after begin returns;
  * end says that work has been queued. */
 int faultline_device_begin(faultline_device* device, size_t step, void* stream);
+/* The tensor was changed: never discarded, spilled through the allocator
+ * when it leaves the host (DeviceBundle::MarkWritten). */
+int faultline_device_mark_written(faultline_device* device, const char* model, const char* tensor);
 int faultline_device_end(faultline_device* device, size_t step, void* stream);
 typedef struct faultline_device_counters {
   size_t struct_size;

@@ -441,6 +441,14 @@ int faultline_device_begin(faultline_device* d, size_t step, void* stream) {
   return s.ok() ? 0 : Fail(s);
 }
 
+int faultline_device_mark_written(faultline_device* d, const char* model, const char* tensor) {
+  if (!d || !tensor) return Fail(EINVAL, "NULL argument");
+  auto t = d->bundle->tensor(model ? model : "", tensor);
+  if (!t.ok()) return Fail(t.status());
+  Status s = d->bundle->MarkWritten(*t);
+  return s.ok() ? 0 : Fail(s);
+}
+
 int faultline_device_end(faultline_device* d, size_t step, void* stream) {
   if (!d) return Fail(EINVAL, "NULL argument");
   d->bundle->End(step, stream);

@@ -25,6 +25,7 @@
 #include <thread>
 
 #include "core/status_macros.h"
+#include "faultline/alloc.hpp"
 #include "faultline/cuda.hpp"
 #include "faultline/size.hpp"
 #include "os/meminfo.h"
@@ -88,6 +89,8 @@ struct Slot {
   Location preferred = Location::kNone;
   bool side_pending = false;  // an eviction/discard on the side stream may still touch the pages
   bool failed = false;
+  bool written = false;       // MarkWritten: the bundle no longer has its contents
+  void* saved = nullptr;      // a written tensor's contents while off the GPU and host (allocator memory)
   uint32_t in_use = 0;
   size_t last_done_step = kNoStep;
   std::vector<size_t> steps;  // plan steps that use it
@@ -129,7 +132,7 @@ struct DeviceBundle::Impl {
   bool Work(std::unique_lock<std::mutex>& lk);
   size_t Distance(const Slot& s) const;
   bool EvictDevice(uint64_t need, size_t protect_below, bool partial);
-  void DropHost(uint64_t need, bool all);
+  bool DropHost(uint64_t need, bool all);
   void Stage(std::unique_lock<std::mutex>& lk, size_t step);
   void Tick();
   void AddHost(int64_t delta) {
@@ -184,6 +187,7 @@ DeviceBundle::Impl::~Impl() {
   for (Slot& s : slots) {
     if (s.side_event) cudaEventDestroy(s.side_event);
     if (s.ptr && !paged) cudaFree(s.ptr);
+    if (s.saved) faultline::Free(s.saved);
   }
   for (cudaEvent_t e : done_events) cudaEventDestroy(e);
   if (side) cudaStreamDestroy(side);
@@ -343,7 +347,8 @@ bool DeviceBundle::Impl::EvictDevice(uint64_t need, size_t protect_below, bool p
       s.where = Where::kHost;
       st.to_host++;
       st.bytes_to_host += s.info->size;
-    } else if (config.eviction == Eviction::kToHost) {
+    } else if (config.eviction == Eviction::kToHost || s.written) {
+      // (A written tensor is never discarded: its contents exist only here.)
       PrefetchTo(s.ptr, n, HostLoc(), side);
       if (!s.read_mostly) AddHost(s.bytes);
       s.where = Where::kHost;
@@ -371,7 +376,8 @@ bool DeviceBundle::Impl::EvictDevice(uint64_t need, size_t protect_below, bool p
 
 // Drops host copies of tensors that are not on the device (host -> disk),
 // furthest next use first: `need` bytes, or every idle one when `all`.
-void DeviceBundle::Impl::DropHost(uint64_t need, bool all) {
+// False when there was nothing it could drop.
+bool DeviceBundle::Impl::DropHost(uint64_t need, bool all) {
   std::vector<std::pair<size_t, uint32_t>> cand;
   for (uint32_t i = 0; i < slots.size(); i++)
     if (slots[i].where == Where::kHost && !slots[i].in_use) cand.emplace_back(Distance(slots[i]), i);
@@ -382,6 +388,16 @@ void DeviceBundle::Impl::DropHost(uint64_t need, bool all) {
   for (auto [d, i] : cand) {
     if (!all && freed >= need) break;
     Slot& s = slots[i];
+    if (s.written) {
+      // Its contents are not in the bundle: they go to the allocator's
+      // managed memory (compressed and spilled to disk under its budget).
+      void* save = s.info->size ? faultline::Allocate(s.info->size) : nullptr;
+      if (s.info->size && !save) continue;  // no memory for it: it stays
+      if (s.side_pending) cudaEventSynchronize(s.side_event);
+      if (s.info->size) memcpy(save, s.ptr, s.info->size);
+      s.saved = save;
+      st.spilled_written++;
+    }
     ptrs.push_back(s.ptr);
     sizes.push_back(std::max<uint64_t>(s.info->size, 1));
     s.where = Where::kDisk;
@@ -391,13 +407,14 @@ void DeviceBundle::Impl::DropHost(uint64_t need, bool all) {
     st.discards++;
     st.bytes_discarded += s.info->size;
   }
-  if (ptrs.empty()) return;
+  if (ptrs.empty()) return false;
 #if CUDART_VERSION >= 13000
   cudaMemDiscardBatchAsync(ptrs.data(), sizes.data(), ptrs.size(), 0, side);
 #endif
   for (auto [d, i] : cand)
     if (slots[i].where == Where::kDisk && slots[i].side_pending) cudaEventRecord(slots[i].side_event, side);
   st.host_drops++;
+  return true;
 }
 
 void DeviceBundle::Impl::StagerLoop() {
@@ -414,9 +431,11 @@ bool DeviceBundle::Impl::Work(std::unique_lock<std::mutex>& lk) {
 #if CUDART_VERSION >= 13000
   uint64_t host_over = config.host_budget && st.host_resident > config.host_budget ? st.host_resident - config.host_budget : 0;
   if (host_drop_request || host_over) {
-    DropHost(std::max(host_drop_request, host_over), host_drop_request == UINT64_MAX);
+    bool dropped = DropHost(std::max(host_drop_request, host_over), host_drop_request == UINT64_MAX);
     host_drop_request = 0;
-    return true;
+    // Only real progress loops again: copies on the GPU (read-mostly) or in
+    // use cannot go, and spinning on them would hold the lock forever.
+    if (dropped) return true;
   }
 #endif
   if (plan.empty()) return false;
@@ -485,9 +504,17 @@ void DeviceBundle::Impl::Stage(std::unique_lock<std::mutex>& lk, size_t step) {
   Status err;
   lk.unlock();
   uint64_t decoded = 0;
+  std::vector<bool> from_saved(decode.size(), false);
   for (uint32_t id : decode) {
     Slot& s = slots[id];
     if (s.side_pending) cudaEventSynchronize(s.side_event);  // a discard must not drop what we write
+    if (s.saved) {  // a written tensor comes back from the allocator, not the bundle
+      memcpy(s.ptr, s.saved, s.info->size);
+      faultline::Free(s.saved);
+      s.saved = nullptr;
+      from_saved[decoded++] = true;
+      continue;
+    }
     Status r = reader->ReadTensor(*s.info, {static_cast<std::byte*>(s.ptr), s.info->size});
     if (!r.ok()) {
       err = r;
@@ -501,8 +528,12 @@ void DeviceBundle::Impl::Stage(std::unique_lock<std::mutex>& lk, size_t step) {
     s.where = Where::kHost;
     s.side_pending = false;
     AddHost(s.bytes);
-    st.decodes++;
-    st.bytes_decoded += s.info->size;
+    if (from_saved[k]) {
+      st.restored_written++;
+    } else {
+      st.decodes++;
+      st.bytes_decoded += s.info->size;
+    }
   }
   if (!err.ok()) {
     st.device_resident -= reserve;
@@ -615,6 +646,25 @@ Status DeviceBundle::Advise(const DeviceTensor& t, const Advice& advice) {
   if (t.id >= impl_->slots.size() || impl_->slots[t.id].ptr != t.data)
     return Status::Error(EINVAL, "not a tensor of this bundle");
   return impl_->ApplyAdvice(impl_->slots[t.id], advice);
+}
+
+Status DeviceBundle::MarkWritten(const DeviceTensor& t) {
+  if (t.id >= impl_->slots.size() || impl_->slots[t.id].ptr != t.data)
+    return Status::Error(EINVAL, "not a tensor of this bundle");
+  Slot& s = impl_->slots[t.id];
+  {
+    std::lock_guard lk(impl_->mu);
+    s.written = true;
+  }
+  // Read-mostly suits read-only data: a written tensor migrates instead
+  // (its one valid copy moves with it; eviction copies it back).
+  if (s.read_mostly) {
+    Advice a;
+    a.read_mostly = false;
+    a.preferred = s.preferred;
+    return impl_->ApplyAdvice(s, a);
+  }
+  return Status::Ok();
 }
 
 Status DeviceBundle::SetPlan(std::vector<std::vector<DeviceTensor>> steps) {

@@ -42,7 +42,8 @@ std::string DeviceStats::ToString() const {
     << "  to device " << to_device << " (" << FormatSize(bytes_to_device) << "), to host " << to_host << " ("
     << FormatSize(bytes_to_host) << "), discarded " << discards << " (" << FormatSize(bytes_discarded) << ")\n"
     << "  decoded " << decodes << " (" << FormatSize(bytes_decoded) << "), errors " << errors
-    << ", Begin waited " << begin_waits << "\n"
+    << ", Begin waited " << begin_waits << ", written tensors spilled " << spilled_written << " / restored "
+    << restored_written << "\n"
     << "  device resident " << FormatSize(device_resident) << ", peak " << FormatSize(peak_device_resident)
     << ", budget " << FormatSize(gpu_budget) << " (effective " << FormatSize(effective_gpu_budget) << ")\n"
     << "  host resident " << FormatSize(host_resident) << ", peak " << FormatSize(peak_host_resident) << "\n"

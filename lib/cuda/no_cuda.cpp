@@ -24,6 +24,7 @@ Result<DeviceTensor> DeviceBundle::tensor(std::string_view, std::string_view) co
 }
 std::vector<DeviceTensor> DeviceBundle::layer(std::string_view, std::string_view) const { return {}; }
 Status DeviceBundle::Advise(const DeviceTensor&, const Advice&) { return Status::Error(ENOTSUP, "built without CUDA"); }
+Status DeviceBundle::MarkWritten(const DeviceTensor&) { return Status::Error(ENOTSUP, "built without CUDA"); }
 Status DeviceBundle::SetPlan(std::vector<std::vector<DeviceTensor>>) { return Status::Error(ENOTSUP, "built without CUDA"); }
 Status DeviceBundle::SetPlan(std::string_view, const std::vector<std::string>&) {
   return Status::Error(ENOTSUP, "built without CUDA");

@@ -37,8 +37,9 @@ struct Gpu : LayerRunner {
   Gpu() : LayerRunner(kD, kBatch) {}
 };
 
-// The fully resident run: every weight read from the bundle into cudaMalloc.
-std::vector<float> ResidentRun(const std::string& path, int layers, bool blas_path) {
+// The fully resident run: every weight read from the bundle into cudaMalloc
+// (layer `zero_layer`'s weight zeroed, when given).
+std::vector<float> ResidentRun(const std::string& path, int layers, bool blas_path, int zero_layer = -1) {
   auto r = BundleReader::Open(path);
   REQUIRE(r.ok());
   std::vector<float*> dev;
@@ -48,6 +49,7 @@ std::vector<float> ResidentRun(const std::string& path, int layers, bool blas_pa
     float* p;
     REQUIRE(cudaMalloc(&p, t.size) == cudaSuccess);
     cudaMemcpy(p, bytes->data(), t.size, cudaMemcpyHostToDevice);
+    if (t.name == LayerPrefix(zero_layer) + "weight") cudaMemset(p, 0, t.size);
     dev.push_back(p);
   }
   Gpu g;
@@ -332,6 +334,32 @@ TEST_CASE("the monitor drops host copies to the bundle under host pressure") {
   auto want = ResidentRun(path, kLayers, false);
   auto again = StreamRun(**b, g, kLayers, false, 1);
   CHECK(memcmp(again.out.data(), want.data(), want.size() * 4) == 0);  // decoded again from the bundle
+}
+
+TEST_CASE("a written tensor is spilled through the allocator when it leaves the host, and comes back") {
+  TempDir dir;
+  std::string path = dir / "mlp.apbundle";
+  REQUIRE(WriteLayerModel(path, kLayers, kD).ok());
+  DeviceConfig c = Config(kBudget);
+  c.host_budget = 12ull << 20;  // host copies beyond this go to disk
+  auto b = DeviceBundle::Open(path, c);
+  REQUIRE(b.ok());
+  Gpu g;
+  auto first = StreamRun(**b, g, kLayers, false, 1);
+  auto w0 = (*b)->tensor("mlp", "layers.0.weight");
+  REQUIRE(w0.ok());
+  // A kernel changes layer 0's weight: the bundle no longer has it.
+  REQUIRE((*b)->Begin(0, g.stream).ok());
+  cudaMemsetAsync(w0->data, 0, w0->size(), g.stream);
+  (*b)->End(0, g.stream);
+  REQUIRE((*b)->MarkWritten(*w0).ok());
+  auto run = StreamRun(**b, g, kLayers, false, 3);
+  auto want = ResidentRun(path, kLayers, false, 0);
+  CHECK(memcmp(run.out.data(), want.data(), want.size() * 4) == 0);
+  MESSAGE(run.stats.ToString());
+  CHECK(run.stats.spilled_written >= 1);
+  CHECK(run.stats.restored_written >= 1);
+  CHECK(run.stats.peak_device_resident <= kBudget);
 }
 
 TEST_CASE("direct host pointers need pageable memory access (HMM)") {
