@@ -165,7 +165,11 @@ Result<std::unique_ptr<ManagedRegion>> ManagedRegion::Create(size_t size, const 
   if (c.budget == 0) c.budget = AllocConfig::FromEnvironment().budget;
   FL_ASSIGN_OR_RETURN(auto engine, internal::AllocEngine::Create(c));
   void* p = engine->Allocate(size, kManagedChunk);
-  if (!p) return Status::Error(ENOMEM, "cannot map a managed region of %zu bytes", size);
+  if (!p)
+    return Status::Error(ENOMEM,
+                         "cannot map a managed region of %zu bytes: the spill directory has no room for what "
+                         "exceeds the budget, or the address space is exhausted",
+                         size);
   std::unique_ptr<ManagedRegion> r(new ManagedRegion());
   r->engine_ = std::move(engine);
   r->data_ = p;

@@ -6,6 +6,7 @@
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 #include <signal.h>
+#include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -236,6 +237,32 @@ TEST_CASE("the heap API: alloc, realloc without copying through the budget, free
     AllocStats s = HeapStats();
     CHECK(s.allocations >= 2);
     CHECK(s.frees >= 2);
+  }
+}
+
+TEST_CASE("memory whose spill could not fit in the spill directory is refused with ENOMEM") {
+  TempDir dir;
+  struct statvfs sv;
+  REQUIRE(statvfs(dir.path().c_str(), &sv) == 0);
+  uint64_t avail = static_cast<uint64_t>(sv.f_bavail) * sv.f_frsize;
+  uint64_t size = avail + (64ull << 30);  // more than the disk could take beyond the budget
+  if (size > (64ull << 40)) return;       // a disk this large: the address space runs out first
+  AllocConfig c = Config(1 << 20);
+  c.spill_dir = dir.path();
+  auto r = ManagedRegion::Create(size, c);
+  CHECK(r.status().code() == ENOMEM);
+  MESSAGE(std::string(r.status().message()));
+  if (HeapManaged()) {
+    errno = 0;
+    CHECK(faultline_alloc(size) == nullptr);
+    CHECK(errno == ENOMEM);
+    bool threw = false;
+    try {
+      std::vector<char, ManagedAllocator<char>> v(size);
+    } catch (const std::bad_alloc&) {
+      threw = true;
+    }
+    CHECK(threw);
   }
 }
 
