@@ -34,6 +34,13 @@ constexpr size_t kBlockAlign = 4096;  // spill extents are whole 4 KiB blocks
 
 size_t RoundUp(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
+// Bytes a chunk stored in `stored` bytes takes in the spill file (a chunk
+// that did not compress is stored whole: stored == kChunk).
+uint32_t ExtentLen(uint32_t stored) { return static_cast<uint32_t>(RoundUp(stored, kBlockAlign)); }
+
+// What a first touch by a write installs (read faults map the zero page).
+alignas(4096) const unsigned char kZeroChunk[kChunk] = {};
+
 // Every engine, for the fork handlers.
 std::mutex g_engines_mu;
 std::vector<AllocEngine*>& Engines() {
@@ -59,7 +66,7 @@ bool AllZero(const unsigned char* p, size_t n) {
 struct Scratch {
   std::unique_ptr<unsigned char[]> raw{new unsigned char[kChunk]};
   size_t cap = RoundUp(ZSTD_compressBound(kChunk), kBlockAlign);
-  std::unique_ptr<unsigned char[]> packed{new unsigned char[RoundUp(ZSTD_compressBound(kChunk), kBlockAlign)]};
+  std::unique_ptr<unsigned char[]> packed{new unsigned char[cap]};
   ZSTD_CCtx* cctx = ZSTD_createCCtx();
   ZSTD_DCtx* dctx = ZSTD_createDCtx();
   ~Scratch() {
@@ -83,10 +90,10 @@ enum class CState : uint8_t { kUntouched, kZero, kDirty, kClean, kSpilled, kLoad
 struct AllocEngine::Chunk {
   CState state = CState::kUntouched;
   bool waiters = false;   // a fault arrived while loading/evicting: wake after
-  bool resident_listed = false;
-  bool raw = false;       // stored uncompressed
   uint16_t file = 0;
-  uint32_t stored = 0;    // bytes in the spill file (0 = no copy)
+  // Its extent in the spill file (0 = none). Valid data while spilled or
+  // clean; a dirty chunk keeps its stale extent to write into next time.
+  uint32_t stored = 0;    // kChunk = stored uncompressed
   uint64_t offset = 0;
   uint64_t checksum = 0;
   Chunk* prev = nullptr;
@@ -99,8 +106,7 @@ struct AllocEngine::Block {
   uintptr_t base = 0;
   size_t size = 0;     // asked for
   size_t mapped = 0;   // whole chunks
-  size_t reserved = 0; // arena range (>= mapped, for alignment)
-  uintptr_t range = 0; // arena range start
+  size_t reserved = 0; // arena range from base (>= mapped after a shrink)
   std::unique_ptr<Chunk[]> chunks;
   size_t count = 0;
 };
@@ -119,7 +125,7 @@ Result<std::unique_ptr<AllocEngine>> AllocEngine::Create(const AllocConfig& conf
   // Chunk-align the arena (mmap gives page alignment).
   e->lo_ = RoundUp(reinterpret_cast<uintptr_t>(a), kChunk);
   e->hi_ = reinterpret_cast<uintptr_t>(a) + arena;
-  e->arena_top_ = e->lo_;
+  e->arena_ = FreeList(e->lo_);
   e->st_.budget_bytes = e->config_.budget;
   FL_RETURN_IF_ERROR(e->NewSpillFile());
   FL_RETURN_IF_ERROR(e->Start());
@@ -240,7 +246,23 @@ AllocEngine::Block* AllocEngine::Find(uintptr_t addr) {
   return addr < b->base + b->mapped ? b : nullptr;
 }
 
+AllocEngine::Block* AllocEngine::BlockAt(const void* p, const char* call) {
+  auto it = blocks_.find(reinterpret_cast<uintptr_t>(p));
+  if (it == blocks_.end()) {
+    fprintf(stderr, "faultline: %s(%p): not the start of a managed block\n", call, p);
+    abort();
+  }
+  return it->second.get();
+}
+
 uintptr_t AllocEngine::ChunkAddr(const Chunk* c) const { return c->block->base + c->index * kChunk; }
+
+namespace {
+// Dirty and clean chunks are the resident ones, and exactly those are on
+// the resident list (loading and evicting chunks count in the budget but
+// are off the list, so nobody evicts them twice).
+bool Listed(CState s) { return s == CState::kDirty || s == CState::kClean; }
+}  // namespace
 
 void AllocEngine::LinkResident(Chunk* c) {
   c->prev = lru_tail_;
@@ -248,17 +270,22 @@ void AllocEngine::LinkResident(Chunk* c) {
   if (lru_tail_) lru_tail_->next = c;
   else lru_head_ = c;
   lru_tail_ = c;
-  c->resident_listed = true;
 }
 
 void AllocEngine::UnlinkResident(Chunk* c) {
-  if (!c->resident_listed) return;
   if (c->prev) c->prev->next = c->next;
   else lru_head_ = c->next;
   if (c->next) c->next->prev = c->prev;
   else lru_tail_ = c->prev;
   c->prev = c->next = nullptr;
-  c->resident_listed = false;
+}
+
+void AllocEngine::ReleaseChunk(Chunk* c) {
+  if (Listed(c->state)) {
+    UnlinkResident(c);
+    st_.resident_bytes -= kChunk;
+  }
+  FreeExtent(c, true);
 }
 
 void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
@@ -279,9 +306,10 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
       return;
     case CState::kClean:
       if (wp) {
-        // The first write since the chunk came back: its disk copy is stale.
+        // The first write since the chunk came back: its disk copy is stale
+        // (kept, to be written over at its next eviction: this path neither
+        // allocates nor calls into the file system).
         c->state = CState::kDirty;
-        FreeExtent(c);
         st_.write_faults++;
         UnlinkResident(c);
         LinkResident(c);
@@ -320,8 +348,7 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
       // A read maps the shared zero page (no memory until written); a
       // write gets real zeroed pages at once, instead of a copy-on-write
       // fault per 4 KiB page later.
-      static const std::unique_ptr<unsigned char[]> zeros(new unsigned char[kChunk]());
-      int rc = write ? uffd_->Copy(at, zeros.get(), kChunk) : uffd_->ZeroPage(at, kChunk);
+      int rc = write ? uffd_->Copy(at, kZeroChunk, kChunk) : uffd_->ZeroPage(at, kChunk);
       if (rc != 0) uffd_->Wake(at, kChunk);  // EEXIST: some page raced in
       return;
     }
@@ -381,33 +408,30 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
   bool zero = AllZero(data, kChunk);
   Status err;
   uint32_t stored = 0;
-  bool raw = false;
   uint64_t sum = 0;
   uint16_t file = 0;
   uint64_t off = 0;
+  bool placed = false;
   if (!zero) {
     const unsigned char* src = data;
-    size_t n = kChunk;
+    stored = kChunk;
     if (config_.zstd_level > 0) {
       size_t z = ZSTD_compressCCtx(s.cctx, s.packed.get(), s.cap, data, kChunk, config_.zstd_level);
       if (!ZSTD_isError(z) && z < kChunk) {
         src = s.packed.get();
-        n = z;
+        stored = static_cast<uint32_t>(z);
+        memset(s.packed.get() + z, 0, ExtentLen(stored) - z);
       }
     }
-    raw = src == data;
-    stored = static_cast<uint32_t>(n);
-    if (!raw) memset(s.packed.get() + n, 0, RoundUp(n, kBlockAlign) - n);
-    sum = Checksum64(src, n);
+    sum = Checksum64(src, stored);
     lk.lock();
-    bool have = AllocExtent(static_cast<uint32_t>(RoundUp(n, kBlockAlign)), &file, &off);
-    int fd = files_[file].fd.get();
+    placed = PlaceExtent(c, stored, &file, &off);
+    int fd = placed ? files_[file].fd.get() : -1;
     lk.unlock();
-    if (!have) {
+    if (!placed) {
       err = Status::Error(ENOSPC, "no room in the spill file");
     } else {
-      ReadOp op{fd, off, static_cast<uint32_t>(RoundUp(n, kBlockAlign)), const_cast<unsigned char*>(src), true};
-      if (raw) op.len = static_cast<uint32_t>(kChunk);
+      ReadOp op{fd, off, ExtentLen(stored), const_cast<unsigned char*>(src), true};
       err = ReadBatch({&op, 1}, "the spill file");
     }
   }
@@ -415,12 +439,7 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
   in_flight_--;
   if (!err.ok()) {
     // Keep the data: the chunk stays resident (over budget) and writable.
-    if (stored && files_.size() > file) {
-      c->file = file;
-      c->offset = off;
-      c->stored = stored;
-      FreeExtent(c);
-    }
+    if (placed) FreeExtent(c, true);
     st_.errors++;
     spill_full_ = true;
     c->state = CState::kDirty;
@@ -437,14 +456,11 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
   }
   RawMadvise(at, kChunk, MADV_DONTNEED);
   if (zero) {
+    FreeExtent(c, true);  // a stale extent from an earlier spill
     c->state = CState::kZero;
     st_.zero_drops++;
   } else {
     c->state = CState::kSpilled;
-    c->file = file;
-    c->offset = off;
-    c->stored = stored;
-    c->raw = raw;
     c->checksum = sum;
     st_.spills++;
     st_.bytes_spilled += kChunk;
@@ -480,13 +496,12 @@ void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c) {
   int fd = files_[c->file].fd.get();
   uint64_t off = c->offset;
   uint32_t stored = c->stored;
-  bool raw = c->raw;
+  bool raw = stored == kChunk;
   uint64_t sum = c->checksum;
   void* at = reinterpret_cast<void*>(ChunkAddr(c));
   lk.unlock();
   Scratch& s = ThreadScratch();
-  ReadOp op{fd, off, static_cast<uint32_t>(RoundUp(stored, kBlockAlign)), raw ? s.raw.get() : s.packed.get()};
-  if (raw) op.len = kChunk;
+  ReadOp op{fd, off, ExtentLen(stored), raw ? s.raw.get() : s.packed.get()};
   Status err = ReadBatch({&op, 1}, "the spill file");
   if (err.ok() && !ChecksumMatches(sum, raw ? s.raw.get() : s.packed.get(), stored))
     err = Status::Error(EBADMSG, "a spilled chunk failed its checksum");
@@ -538,7 +553,7 @@ Status AllocEngine::NewSpillFile() {
   for (SpillFile& f : files_) {
     f.writable = false;
     if (f.live == 0 && f.fd.valid()) {
-      st_.spill_file_bytes -= f.size;
+      st_.spill_file_bytes -= f.space.end();
       f.fd.reset();
     }
   }
@@ -548,63 +563,109 @@ Status AllocEngine::NewSpillFile() {
   return Status::Ok();
 }
 
-bool AllocEngine::AllocExtent(uint32_t len, uint16_t* file, uint64_t* off) {
-  if (files_.size() > UINT16_MAX || !files_.back().writable || !files_.back().fd.valid()) return false;
-  SpillFile& f = files_.back();
-  *file = static_cast<uint16_t>(files_.size() - 1);
-  for (auto it = f.free.begin(); it != f.free.end(); ++it) {
-    if (it->second >= len) {
-      *off = it->first;
-      uint64_t rest = it->second - len, at = it->first + len;
-      f.free.erase(it);
-      if (rest) f.free.emplace(at, rest);
-      f.live++;
-      return true;
+uint64_t FreeList::Take(uint64_t len, uint64_t align, uint64_t limit) {
+  for (auto it = free_.begin(); it != free_.end(); ++it) {
+    uint64_t fs = it->first, fe = fs + it->second, start = RoundUp(fs, align);
+    if (start + len > fe) continue;
+    // The range's node is reused for what is left of it (no allocation in
+    // the common case of one remainder).
+    auto node = free_.extract(it);
+    if (start > fs) {
+      node.mapped() = start - fs;
+      free_.insert(std::move(node));
     }
+    if (start + len < fe) {
+      if (node.empty()) {
+        free_.emplace(start + len, fe - start - len);
+      } else {
+        node.key() = start + len;
+        node.mapped() = fe - start - len;
+        free_.insert(std::move(node));
+      }
+    }
+    return start;
   }
-  *off = f.size;
-  f.size += len;
-  f.live++;
-  st_.spill_file_bytes += len;
-  return true;
+  uint64_t start = RoundUp(end_, align);
+  if (start + len > limit || start + len < start) return kNone;
+  if (start > end_) free_.emplace(end_, start - end_);
+  end_ = start + len;
+  return start;
 }
 
-void AllocEngine::FreeExtent(Chunk* c) {
-  if (!c->stored) return;
-  SpillFile& f = files_[c->file];
-  uint64_t len = c->raw ? kChunk : RoundUp(c->stored, kBlockAlign);
-  c->stored = 0;
-  f.live--;
-  if (!f.writable) {
-    // Shared with a process forked earlier: never reused; closed when no
-    // chunk of ours refers to it.
-    if (f.live == 0 && f.fd.valid()) {
-      st_.spill_file_bytes -= f.size;
-      f.fd.reset();
-    }
-    return;
-  }
-  uint64_t off = c->offset;
-  // Coalesce with neighbours; a hole at the end shrinks the file.
-  auto next = f.free.lower_bound(off);
-  if (next != f.free.end() && off + len == next->first) {
+void FreeList::Give(uint64_t off, uint64_t len) {
+  auto next = free_.lower_bound(off);
+  if (next != free_.end() && off + len == next->first) {
     len += next->second;
-    next = f.free.erase(next);
+    next = free_.erase(next);
   }
-  if (next != f.free.begin()) {
+  if (next != free_.begin()) {
     auto prev = std::prev(next);
     if (prev->first + prev->second == off) {
       off = prev->first;
       len += prev->second;
-      f.free.erase(prev);
+      free_.erase(prev);
     }
   }
-  if (off + len == f.size) {
-    f.size = off;
-    st_.spill_file_bytes -= len;
-    (void)!ftruncate(f.fd.get(), static_cast<off_t>(f.size));
-  } else {
-    f.free.emplace(off, len);
+  if (off + len == end_) end_ = off;
+  else free_.emplace(off, len);
+}
+
+// Where a chunk's `stored` bytes go: over its own stale extent when that is
+// in the file being written and large enough (the rest of it goes back),
+// else a new extent there.
+bool AllocEngine::PlaceExtent(Chunk* c, uint32_t stored, uint16_t* file, uint64_t* off) {
+  uint32_t len = ExtentLen(stored);
+  if (c->stored && files_[c->file].writable && ExtentLen(c->stored) >= len) {
+    if (ExtentLen(c->stored) > len) {
+      SpillFile& f = files_[c->file];
+      uint64_t before = f.space.end();
+      f.space.Give(c->offset + len, ExtentLen(c->stored) - len);
+      st_.spill_file_bytes -= before - f.space.end();
+    }
+    c->stored = stored;
+    *file = c->file;
+    *off = c->offset;
+    return true;
+  }
+  FreeExtent(c, false);
+  if (files_.size() > UINT16_MAX || !files_.back().writable || !files_.back().fd.valid()) return false;
+  SpillFile& f = files_.back();
+  uint64_t before = f.space.end();
+  uint64_t at = f.space.Take(len, kBlockAlign, FreeList::kNone - 1);
+  st_.spill_file_bytes += f.space.end() - before;
+  f.live++;
+  c->file = static_cast<uint16_t>(files_.size() - 1);
+  c->offset = at;
+  c->stored = stored;
+  *file = c->file;
+  *off = at;
+  return true;
+}
+
+// Gives a chunk's extent back. `punch` returns the disk space at once (the
+// memory is gone); an extent freed to be rewritten elsewhere is left as it is.
+void AllocEngine::FreeExtent(Chunk* c, bool punch) {
+  if (!c->stored) return;
+  SpillFile& f = files_[c->file];
+  uint64_t off = c->offset, len = ExtentLen(c->stored);
+  c->stored = 0;
+  f.live--;
+  uint64_t before = f.space.end();
+  if (!f.writable) {
+    // Shared with a process forked earlier: never reused; closed when no
+    // chunk of ours refers to it.
+    if (f.live == 0 && f.fd.valid()) {
+      st_.spill_file_bytes -= before;
+      f.fd.reset();
+    }
+    return;
+  }
+  f.space.Give(off, len);
+  spill_full_ = false;  // room again for a write that failed for want of it
+  if (f.space.end() < before) {
+    st_.spill_file_bytes -= before - f.space.end();
+    (void)!ftruncate(f.fd.get(), static_cast<off_t>(f.space.end()));
+  } else if (punch) {
     fallocate(f.fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off), static_cast<off_t>(len));
   }
 }
@@ -616,11 +677,8 @@ bool AllocEngine::SpillRoomFor(uint64_t more) {
   if (managed <= config_.budget) return true;
   uint64_t need = managed - config_.budget;
   uint64_t have = 0;
-  for (const SpillFile& f : files_) {
-    if (!f.writable) continue;
-    for (auto& [off, len] : f.free) have += len;
-    have += f.size;  // extents in use belong to chunks counted in `managed`
-  }
+  for (const SpillFile& f : files_)
+    if (f.writable) have += f.space.end();  // its extents, used or free, serve chunks counted in `managed`
   struct statvfs sv;
   if (fstatvfs(files_.back().fd.get(), &sv) != 0) return true;  // cannot tell: let it run
   have += static_cast<uint64_t>(sv.f_bavail) * sv.f_frsize;
@@ -629,53 +687,37 @@ bool AllocEngine::SpillRoomFor(uint64_t more) {
 
 // ---- blocks ----
 
-uintptr_t AllocEngine::ReserveRange(size_t len, size_t align) {
-  for (auto it = free_ranges_.begin(); it != free_ranges_.end(); ++it) {
-    uintptr_t start = RoundUp(it->first, align);
-    if (start + len <= it->first + it->second) {
-      uintptr_t fs = it->first, fe = it->first + it->second;
-      free_ranges_.erase(it);
-      if (start > fs) free_ranges_.emplace(fs, start - fs);
-      if (start + len < fe) free_ranges_.emplace(start + len, fe - start - len);
-      return start;
-    }
-  }
-  uintptr_t start = RoundUp(arena_top_, align);
-  if (start + len > hi_ || start + len < start) return 0;
-  if (start > arena_top_) free_ranges_.emplace(arena_top_, start - arena_top_);
-  arena_top_ = start + len;
-  return start;
-}
-
 void AllocEngine::ReleaseRange(uintptr_t base, size_t len) {
   // Back to reserved, inaccessible address space (memory and registration go).
   mmap(reinterpret_cast<void*>(base), len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
-  if (base + len == arena_top_) {
-    arena_top_ = base;
-    // Merge a free range that now ends at the top.
-    if (!free_ranges_.empty()) {
-      auto last = std::prev(free_ranges_.end());
-      if (last->first + last->second == arena_top_) {
-        arena_top_ = last->first;
-        free_ranges_.erase(last);
-      }
-    }
-    return;
+  arena_.Give(base, len);
+}
+
+std::unique_ptr<AllocEngine::Block> AllocEngine::NewBlock(uintptr_t base, size_t size, size_t mapped) {
+  auto b = std::unique_ptr<Block>(new (std::nothrow) Block());
+  if (!b) return nullptr;
+  b->base = base;
+  b->reserved = mapped;
+  b->size = size;
+  b->mapped = mapped;
+  b->count = mapped / kChunk;
+  b->chunks.reset(new (std::nothrow) Chunk[b->count]);
+  if (!b->chunks) return nullptr;
+  for (size_t i = 0; i < b->count; i++) {
+    b->chunks[i].block = b.get();
+    b->chunks[i].index = i;
   }
-  auto next = free_ranges_.lower_bound(base);
-  if (next != free_ranges_.end() && base + len == next->first) {
-    len += next->second;
-    next = free_ranges_.erase(next);
-  }
-  if (next != free_ranges_.begin()) {
-    auto prev = std::prev(next);
-    if (prev->first + prev->second == base) {
-      base = prev->first;
-      len += prev->second;
-      free_ranges_.erase(prev);
-    }
-  }
-  free_ranges_.emplace(base, len);
+  return b;
+}
+
+bool AllocEngine::MapFresh(uintptr_t base, size_t len) {
+  return mmap(reinterpret_cast<void*>(base), len, PROT_READ | PROT_WRITE,
+              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0) != MAP_FAILED;
+}
+
+bool AllocEngine::Register(void* p, size_t len) {
+  RawMadvise(p, len, MADV_NOHUGEPAGE);  // chunks are the unit; a huge page would span 32
+  return uffd_->RegisterMissingWp(p, len).ok();
 }
 
 void* AllocEngine::Allocate(size_t size, size_t alignment) noexcept {
@@ -692,37 +734,14 @@ void* AllocEngine::Allocate(size_t size, size_t alignment) noexcept {
     errno = ENOMEM;
     return nullptr;
   }
-  uintptr_t base = ReserveRange(mapped, align);
-  if (!base) {
+  uint64_t base = arena_.Take(mapped, align, hi_);
+  if (base == FreeList::kNone) {
     errno = ENOMEM;
     return nullptr;
   }
-  auto b = std::make_unique<Block>();
-  b->base = base;
-  b->range = base;
-  b->reserved = mapped;
-  b->size = size;
-  b->mapped = mapped;
-  b->count = mapped / kChunk;
-  b->chunks.reset(new (std::nothrow) Chunk[b->count]);
-  if (!b->chunks) {
-    ReleaseRange(base, mapped);
-    errno = ENOMEM;
-    return nullptr;
-  }
-  for (size_t i = 0; i < b->count; i++) {
-    b->chunks[i].block = b.get();
-    b->chunks[i].index = i;
-  }
-  void* p = mmap(reinterpret_cast<void*>(base), mapped, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
-  if (p == MAP_FAILED) {
-    ReleaseRange(base, mapped);
-    errno = ENOMEM;
-    return nullptr;
-  }
-  RawMadvise(p, mapped, MADV_NOHUGEPAGE);  // chunks are the unit; a huge page would span 32
-  if (!uffd_->RegisterMissingWp(p, mapped).ok()) {
+  auto b = NewBlock(base, size, mapped);
+  void* p = reinterpret_cast<void*>(base);
+  if (!b || !MapFresh(base, mapped) || !Register(p, mapped)) {
     ReleaseRange(base, mapped);
     errno = ENOMEM;
     return nullptr;
@@ -747,28 +766,16 @@ void AllocEngine::WaitIdle(std::unique_lock<std::mutex>& lk, Block* b) {
 void AllocEngine::Free(void* p) noexcept {
   ScopedInternal internal_calls;
   std::unique_lock lk(mu_);
-  auto it = blocks_.find(reinterpret_cast<uintptr_t>(p));
-  if (it == blocks_.end()) {
-    fprintf(stderr, "faultline: free(%p): not the start of a managed block\n", p);
-    abort();
-  }
-  Block* b = it->second.get();
+  Block* b = BlockAt(p, "free");
   WaitIdle(lk, b);
-  for (size_t i = 0; i < b->count; i++) {
-    Chunk* c = &b->chunks[i];
-    if (c->resident_listed) {
-      UnlinkResident(c);
-      st_.resident_bytes -= kChunk;
-    }
-    FreeExtent(c);
-  }
+  for (size_t i = 0; i < b->count; i++) ReleaseChunk(&b->chunks[i]);
   (void)uffd_->Unregister(reinterpret_cast<void*>(b->base), b->mapped);
   st_.frees++;
   st_.bytes_managed -= b->mapped;
-  uintptr_t range = b->range;
+  uintptr_t base = b->base;
   size_t reserved = b->reserved;
-  blocks_.erase(it);
-  ReleaseRange(range, reserved);
+  blocks_.erase(base);
+  ReleaseRange(base, reserved);
 }
 
 int AllocEngine::Advise(void* addr, size_t len, int advice) noexcept {
@@ -790,12 +797,8 @@ int AllocEngine::Advise(void* addr, size_t len, int advice) noexcept {
       Chunk* c = &b->chunks[(a - b->base) / kChunk];
       uintptr_t cs = ChunkAddr(c), ce = cs + kChunk;
       if (a == cs && end >= ce) {
-        if (c->resident_listed) {
-          UnlinkResident(c);
-          st_.resident_bytes -= kChunk;
-        }
-        FreeExtent(c);
-        if (c->state == CState::kDirty || c->state == CState::kClean) RawMadvise(reinterpret_cast<void*>(cs), kChunk, MADV_DONTNEED);
+        if (Listed(c->state)) RawMadvise(reinterpret_cast<void*>(cs), kChunk, MADV_DONTNEED);
+        ReleaseChunk(c);
         c->state = CState::kZero;
       } else if (advice == MADV_DONTNEED) {
         uintptr_t ze = std::min(end, ce);
@@ -819,23 +822,13 @@ void* AllocEngine::Reallocate(void* p, size_t size) noexcept {
   if (size == 0) size = 1;
   size_t mapped = RoundUp(size, kChunk);
   std::unique_lock lk(mu_);
-  auto it = blocks_.find(reinterpret_cast<uintptr_t>(p));
-  if (it == blocks_.end()) {
-    fprintf(stderr, "faultline: realloc(%p): not the start of a managed block\n", p);
-    abort();
-  }
-  Block* b = it->second.get();
+  Block* b = BlockAt(p, "realloc");
   WaitIdle(lk, b);
   if (mapped <= b->mapped) {
     // Shrink: the chunks past the new end go (memory, disk copies, budget).
     for (size_t i = mapped / kChunk; i < b->count; i++) {
-      Chunk* c = &b->chunks[i];
-      if (c->resident_listed) {
-        UnlinkResident(c);
-        st_.resident_bytes -= kChunk;
-      }
-      FreeExtent(c);
-      c->state = CState::kUntouched;
+      ReleaseChunk(&b->chunks[i]);
+      b->chunks[i].state = CState::kUntouched;
     }
     if (mapped < b->mapped) {
       (void)uffd_->Unregister(reinterpret_cast<void*>(b->base + mapped), b->mapped - mapped);
@@ -856,73 +849,49 @@ void* AllocEngine::Reallocate(void* p, size_t size) noexcept {
   // ones keep their frames, spilled ones keep their disk copies), the tail
   // fresh. mremap drops the userfaultfd registration, so it is made again
   // and clean chunks are write-protected again.
-  uintptr_t nbase = ReserveRange(mapped, kChunk);
-  if (!nbase) {
+  uint64_t nbase = arena_.Take(mapped, kChunk, hi_);
+  if (nbase == FreeList::kNone) {
     errno = ENOMEM;
     return nullptr;
   }
-  std::unique_ptr<Chunk[]> chunks(new (std::nothrow) Chunk[mapped / kChunk]);
-  if (!chunks) {
-    ReleaseRange(nbase, mapped);
-    errno = ENOMEM;
-    return nullptr;
-  }
-  void* np = mremap(reinterpret_cast<void*>(b->base), b->mapped, b->mapped, MREMAP_MAYMOVE | MREMAP_FIXED,
-                    reinterpret_cast<void*>(nbase));
+  auto nb = NewBlock(nbase, size, mapped);
+  void* np = nb ? mremap(reinterpret_cast<void*>(b->base), b->mapped, b->mapped, MREMAP_MAYMOVE | MREMAP_FIXED,
+                         reinterpret_cast<void*>(nbase))
+                : MAP_FAILED;
   if (np == MAP_FAILED) {
     ReleaseRange(nbase, mapped);
     errno = ENOMEM;
     return nullptr;
   }
-  void* tail = mmap(reinterpret_cast<void*>(nbase + b->mapped), mapped - b->mapped, PROT_READ | PROT_WRITE,
-                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
-  (void)tail;
-  RawMadvise(np, mapped, MADV_NOHUGEPAGE);
-  (void)uffd_->Unregister(np, mapped);
-  if (!uffd_->RegisterMissingWp(np, mapped).ok()) {
-    fprintf(stderr, "faultline: realloc: cannot register the moved block with userfaultfd\n");
-    abort();
+  if (!MapFresh(nbase + b->mapped, mapped - b->mapped) || !Register(np, mapped)) {
+    fprintf(stderr, "faultline: realloc: cannot map or register the moved block\n");
+    abort();  // the old block's pages are already at the new address
   }
   // Move the chunk records; the resident list keeps its order.
-  auto nb = std::make_unique<Block>();
-  nb->base = nbase;
-  nb->range = nbase;
-  nb->reserved = mapped;
-  nb->size = size;
-  nb->mapped = mapped;
-  nb->count = mapped / kChunk;
-  nb->chunks = std::move(chunks);
-  for (size_t i = 0; i < nb->count; i++) {
+  for (size_t i = 0; i < b->count; i++) {
     Chunk* c = &nb->chunks[i];
-    c->block = nb.get();
-    c->index = i;
-    if (i < b->count) {
-      Chunk* o = &b->chunks[i];
-      c->state = o->state;
-      c->raw = o->raw;
-      c->file = o->file;
-      c->stored = o->stored;
-      c->offset = o->offset;
-      c->checksum = o->checksum;
-      if (o->resident_listed) {
-        // Take o's place in the list.
-        c->prev = o->prev;
-        c->next = o->next;
-        if (c->prev) c->prev->next = c;
-        else lru_head_ = c;
-        if (c->next) c->next->prev = c;
-        else lru_tail_ = c;
-        c->resident_listed = true;
-      }
-      if (c->state == CState::kClean) uffd_->WriteProtect(reinterpret_cast<void*>(nbase + i * kChunk), kChunk, true);
+    const Chunk* o = &b->chunks[i];
+    c->state = o->state;
+    c->file = o->file;
+    c->stored = o->stored;
+    c->offset = o->offset;
+    c->checksum = o->checksum;
+    if (Listed(o->state)) {  // take o's place in the list
+      c->prev = o->prev;
+      c->next = o->next;
+      if (c->prev) c->prev->next = c;
+      else lru_head_ = c;
+      if (c->next) c->next->prev = c;
+      else lru_tail_ = c;
     }
+    if (c->state == CState::kClean) uffd_->WriteProtect(reinterpret_cast<void*>(nbase + i * kChunk), kChunk, true);
   }
   st_.bytes_managed += mapped - b->mapped;
   st_.peak_bytes_managed = std::max(st_.peak_bytes_managed, st_.bytes_managed);
-  uintptr_t orange = b->range;
+  uintptr_t obase = b->base;
   size_t oreserved = b->reserved;
-  blocks_.erase(it);
-  ReleaseRange(orange, oreserved);
+  blocks_.erase(obase);
+  ReleaseRange(obase, oreserved);
   blocks_.emplace(nbase, std::move(nb));
   return np;
 }
@@ -961,7 +930,7 @@ void AllocEngine::ForkParent() {
   // from there): write a new one. An empty one is the parent's alone (the
   // child always starts its own).
   // If no new file can be made, the old one is closed for writing anyway
-  // and eviction is limited to clean chunks (AllocExtent fails).
+  // and eviction is limited to clean chunks (PlaceExtent fails).
   if (files_.back().live > 0) (void)NewSpillFile();
   mu_.unlock();
 }
@@ -984,7 +953,7 @@ void AllocEngine::ForkChild() {
     abort();
   }
   for (auto& [base, b] : blocks_) {
-    if (!uffd_->RegisterMissingWp(reinterpret_cast<void*>(b->base), b->mapped).ok()) {
+    if (!Register(reinterpret_cast<void*>(b->base), b->mapped)) {
       fprintf(stderr, "faultline: managed memory cannot be registered in a forked child\n");
       abort();
     }

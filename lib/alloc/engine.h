@@ -41,6 +41,26 @@
 
 namespace faultline::internal {
 
+// Free ranges of a space that grows at its end (the arena's address space,
+// a spill file's bytes): first fit with alignment, neighbours coalesce, and
+// a range given back at the end shrinks the space instead.
+// Thread-safety: none (the engine's mutex).
+class FreeList {
+ public:
+  static constexpr uint64_t kNone = UINT64_MAX;
+  explicit FreeList(uint64_t start = 0) : end_(start) {}
+  uint64_t end() const noexcept { return end_; }
+  // The start of `len` bytes aligned to `align`, from a free range or from
+  // the end (not past `limit`); kNone when they do not fit.
+  uint64_t Take(uint64_t len, uint64_t align, uint64_t limit);
+  // Gives [off, off + len) back.
+  void Give(uint64_t off, uint64_t len);
+
+ private:
+  std::map<uint64_t, uint64_t> free_;  // offset -> length
+  uint64_t end_;
+};
+
 class AllocEngine {
  public:
   // Errors: the userfaultfd's (EPERM/ENOSYS), ENOTSUP without write-protect
@@ -89,11 +109,15 @@ class AllocEngine {
   bool Evict(std::unique_lock<std::mutex>& lk, Chunk* c);
   void Load(std::unique_lock<std::mutex>& lk, Chunk* c);
   Block* Find(uintptr_t addr);
-  uintptr_t ReserveRange(size_t len, size_t align);
+  Block* BlockAt(const void* p, const char* call);  // aborts on a wild pointer
+  std::unique_ptr<Block> NewBlock(uintptr_t base, size_t size, size_t mapped);  // nullptr: no memory
+  bool MapFresh(uintptr_t base, size_t len);  // private anonymous read-write pages there
+  bool Register(void* p, size_t len);         // with the userfaultfd, huge pages off
   void ReleaseRange(uintptr_t base, size_t len);
   bool SpillRoomFor(uint64_t more);
-  bool AllocExtent(uint32_t len, uint16_t* file, uint64_t* off);
-  void FreeExtent(Chunk* c);
+  bool PlaceExtent(Chunk* c, uint32_t stored, uint16_t* file, uint64_t* off);
+  void FreeExtent(Chunk* c, bool punch);
+  void ReleaseChunk(Chunk* c);  // memory's gone: out of the budget, its extent freed
   Status NewSpillFile();
   void LinkResident(Chunk* c);
   void UnlinkResident(Chunk* c);
@@ -117,8 +141,7 @@ class AllocEngine {
   std::condition_variable evict_cv_; // resident bytes passed the low-water mark
   bool stopping_ = false;
   std::map<uintptr_t, std::unique_ptr<Block>> blocks_;
-  std::map<uintptr_t, size_t> free_ranges_;  // of the arena
-  uintptr_t arena_top_ = 0;
+  FreeList arena_;             // address ranges of the arena
   Chunk* lru_head_ = nullptr;  // oldest resident chunk
   Chunk* lru_tail_ = nullptr;
   unsigned in_flight_ = 0;     // loads and evictions outside the lock
@@ -126,9 +149,8 @@ class AllocEngine {
   struct SpillFile {
     UniqueFd fd;
     bool writable = true;
-    uint64_t size = 0;
-    uint64_t live = 0;                    // extents in use
-    std::map<uint64_t, uint64_t> free;    // offset -> length
+    uint64_t live = 0;  // extents in use
+    FreeList space;     // its size is space.end()
   };
   std::vector<SpillFile> files_;
   AllocStats st_;
