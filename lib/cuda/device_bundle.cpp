@@ -129,9 +129,16 @@ struct DeviceBundle::Impl {
   Status Init(const std::string& path);
   Status ApplyAdvice(Slot& s, const Advice& a);
   void StagerLoop();
+  // Wakes the stager after a change it must look at; counted, so that a
+  // change made while the stager had the lock released is not missed.
+  void Poke() {
+    pokes++;
+    cv.notify_all();
+  }
+  uint64_t pokes = 0;
   bool Work(std::unique_lock<std::mutex>& lk);
   size_t Distance(const Slot& s) const;
-  bool EvictDevice(uint64_t need, size_t protect_below, bool partial);
+  bool EvictDevice(std::unique_lock<std::mutex>& lk, uint64_t need, size_t protect_below, bool partial);
   bool DropHost(uint64_t need, bool all);
   void Stage(std::unique_lock<std::mutex>& lk, size_t step);
   void Tick();
@@ -302,7 +309,8 @@ size_t DeviceBundle::Impl::Distance(const Slot& s) const {
 // Queues evictions of idle device tensors whose next use is at least
 // `protect_below` steps away, furthest first, until `need` bytes are free.
 // Queues nothing (false) when they would not free enough, unless `partial`.
-bool DeviceBundle::Impl::EvictDevice(uint64_t need, size_t protect_below, bool partial) {
+bool DeviceBundle::Impl::EvictDevice(std::unique_lock<std::mutex>& lk, uint64_t need, size_t protect_below,
+                                     bool partial) {
   std::vector<std::pair<size_t, uint32_t>> cand;
   uint64_t avail = 0;
   for (uint32_t i = 0; i < slots.size(); i++) {
@@ -315,6 +323,34 @@ bool DeviceBundle::Impl::EvictDevice(uint64_t need, size_t protect_below, bool p
   }
   if (cand.empty() || (avail < need && !partial)) return false;
   std::sort(cand.begin(), cand.end(), [](auto& a, auto& b) { return a.first > b.first; });
+  // Read-mostly victims are evicted by advice, which is not stream-ordered:
+  // the work that used them must be done first. Wait for it without the
+  // lock, so that Begin and End on other threads go on meanwhile; the check
+  // under the lock below then finds it done (or a newer use to wait for).
+  if (config.eviction == Eviction::kToHost) {
+    std::vector<cudaEvent_t> waits;
+    uint64_t picked = 0;
+    for (auto [d, i] : cand) {
+      if (picked >= need) break;
+      picked += slots[i].bytes;
+      size_t step = slots[i].last_done_step;
+      if (slots[i].read_mostly && step != kNoStep &&
+          std::find(waits.begin(), waits.end(), done_events[step]) == waits.end())
+        waits.push_back(done_events[step]);
+    }
+    if (!waits.empty()) {
+      lk.unlock();
+      for (cudaEvent_t e : waits) cudaEventSynchronize(e);
+      lk.lock();
+      // A Begin may have taken a victim meanwhile.
+      cand.erase(std::remove_if(cand.begin(), cand.end(),
+                                [&](auto& c) { return slots[c.second].in_use || slots[c.second].where != Where::kDevice; }),
+                 cand.end());
+      uint64_t left = 0;
+      for (auto& c : cand) left += slots[c.second].bytes;
+      if (cand.empty() || (left < need && !partial)) return false;
+    }
+  }
   uint64_t freed = 0;
   std::vector<void*> ptrs;
   std::vector<size_t> sizes;
@@ -335,8 +371,9 @@ bool DeviceBundle::Impl::EvictDevice(uint64_t need, size_t protect_below, bool p
       // at the preferred location, the host's, which is valid (0.1 ms per
       // 64 MiB measured on an H100, against about 7 ms to migrate it back).
       // Advice is not stream-ordered, so the work that used the tensor must
-      // be done. Setting the preferred location costs about 1 ms each way,
-      // so a tensor advised otherwise pays it here.
+      // be done (waited for above without the lock; this finds it done).
+      // Setting the preferred location costs about 1 ms each way, so a
+      // tensor advised otherwise pays it here.
       if (s.last_done_step != kNoStep) cudaEventSynchronize(done_events[s.last_done_step]);
       cudaMemLocation dev = DeviceLoc(config.device);
       if (s.preferred != Location::kHost) AdviseRange(s.ptr, n, cudaMemAdviseSetPreferredLocation, HostLoc());
@@ -420,14 +457,15 @@ bool DeviceBundle::Impl::DropHost(uint64_t need, bool all) {
 void DeviceBundle::Impl::StagerLoop() {
   std::unique_lock lk(mu);
   while (!stop) {
-    if (!Work(lk)) cv.wait(lk);
+    uint64_t seen = pokes;
+    if (!Work(lk) && pokes == seen) cv.wait(lk);
   }
 }
 
 // One unit of work under the lock; false when there is nothing to do now.
 bool DeviceBundle::Impl::Work(std::unique_lock<std::mutex>& lk) {
   // The monitor lowered the budget: make room now.
-  if (st.device_resident > effective_budget && EvictDevice(st.device_resident - effective_budget, 0, true)) return true;
+  if (st.device_resident > effective_budget && EvictDevice(lk, st.device_resident - effective_budget, 0, true)) return true;
 #if CUDART_VERSION >= 13000
   uint64_t host_over = config.host_budget && st.host_resident > config.host_budget ? st.host_resident - config.host_budget : 0;
   if (host_drop_request || host_over) {
@@ -479,7 +517,9 @@ bool DeviceBundle::Impl::Work(std::unique_lock<std::mutex>& lk) {
       }
     }
     if (st.device_resident + need > budget) {
-      if (!EvictDevice(st.device_resident + need - budget, d + 1, false)) return false;  // wait for an End
+      // Room is made (or not: wait for an End); the lock may have been
+      // released meanwhile, so the next round looks at the plan afresh.
+      return EvictDevice(lk, st.device_resident + need - budget, d + 1, false);
     }
     Stage(lk, step);
     return true;
@@ -594,7 +634,7 @@ void DeviceBundle::Impl::Tick() {
   if (hp >= h.emergency) host_drop_request = UINT64_MAX;
   else if (hp >= h.offload)
     host_drop_request = std::max<uint64_t>(static_cast<uint64_t>((hp - h.offload) * double(hm.Basis())), kGranule);
-  cv.notify_all();
+  Poke();
 }
 
 Result<std::unique_ptr<DeviceBundle>> DeviceBundle::Open(const std::string& path, const DeviceConfig& config) {
@@ -695,7 +735,7 @@ Status DeviceBundle::SetPlan(std::vector<std::vector<DeviceTensor>> steps) {
   // Events of steps beyond the new plan stay recorded; nothing refers to them.
   im.step_error.assign(steps.size(), Status::Ok());
   im.cursor = 0;
-  im.cv.notify_all();
+  im.Poke();
   return Status::Ok();
 }
 
@@ -743,13 +783,13 @@ Status DeviceBundle::Begin(size_t step, void* stream) {
   if (!im.StepOnDevice(step)) {
     im.st.begin_waits++;
     im.demanded = step;
-    im.cv.notify_all();
+    im.Poke();
     im.done_cv.wait(lk, [&] { return im.stop || im.StepOnDevice(step) || !im.step_error[step].ok(); });
     im.demanded = kNoStep;
   }
   if (!im.step_error[step].ok() || im.stop) {
     for (uint32_t id : im.plan[step]) im.slots[id].in_use--;
-    im.cv.notify_all();
+    im.Poke();
     return im.stop ? Status::Error(ECANCELED, "the bundle is closing") : im.step_error[step];
   }
   for (uint32_t id : im.plan[step]) {
@@ -759,7 +799,7 @@ Status DeviceBundle::Begin(size_t step, void* stream) {
       return CudaStatus(e, "cudaStreamWaitEvent");
     }
   }
-  im.cv.notify_all();  // the stager may prefetch what follows
+  im.Poke();  // the stager may prefetch what follows
   return Status::Ok();
 }
 
@@ -803,7 +843,7 @@ void DeviceBundle::End(size_t step, void* stream) {
     sl.last_done_step = step;
   }
   if (step == im.cursor) im.cursor = (step + 1) % n;
-  im.cv.notify_all();
+  im.Poke();
 }
 
 Status DeviceBundle::Synchronize() { return CudaStatus(cudaStreamSynchronize(impl_->side), "cudaStreamSynchronize"); }
