@@ -115,24 +115,24 @@ Status Uffd::Unregister(void* addr, size_t len) {
   return Status::Ok();
 }
 
-int Uffd::Copy(void* dst, const void* src, size_t len, bool wake) noexcept {
+namespace {
+int CopyIoctl(int fd, void* dst, const void* src, size_t len, uint64_t mode) noexcept {
   uffdio_copy c = {};
   c.dst = reinterpret_cast<uintptr_t>(dst);
   c.src = reinterpret_cast<uintptr_t>(src);
   c.len = len;
-  c.mode = wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE;
-  if (ioctl(fd(), UFFDIO_COPY, &c) == 0) return 0;
+  c.mode = mode;
+  if (ioctl(fd, UFFDIO_COPY, &c) == 0) return 0;
   return -errno;
+}
+}  // namespace
+
+int Uffd::Copy(void* dst, const void* src, size_t len, bool wake) noexcept {
+  return CopyIoctl(fd(), dst, src, len, wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE);
 }
 
 int Uffd::CopyWp(void* dst, const void* src, size_t len) noexcept {
-  uffdio_copy c = {};
-  c.dst = reinterpret_cast<uintptr_t>(dst);
-  c.src = reinterpret_cast<uintptr_t>(src);
-  c.len = len;
-  c.mode = UFFDIO_COPY_MODE_WP;
-  if (ioctl(fd(), UFFDIO_COPY, &c) == 0) return 0;
-  return -errno;
+  return CopyIoctl(fd(), dst, src, len, UFFDIO_COPY_MODE_WP);
 }
 
 int Uffd::ZeroPage(void* addr, size_t len) noexcept {
