@@ -42,12 +42,17 @@ struct PagingConfig {
   PagingMode mode = PagingMode::kAuto;
   unsigned prefetch_depth = 32;  // most frames read ahead of a sequential stream (0 = off)
   unsigned workers = 0;          // fault-service threads; 0 = cores
+  // Load whole transparent huge pages of a tensor that is read sequentially
+  // (or planned, pinned, hinted) and install each with one UFFDIO_MOVE
+  // (userfaultfd mode, where THP is enabled and the budget holds at least
+  // 4 huge pages per worker).
+  bool huge_pages = true;
   // Called (from a service thread) when a frame cannot be produced; the
   // faulting thread gets SIGBUS.
   std::function<void(const Status&)> on_error;
 
   // The defaults overridden by FAULTLINE_BUDGET, FAULTLINE_POLICY,
-  // FAULTLINE_MODE, FAULTLINE_PREFETCH, FAULTLINE_WORKERS (ignored in setuid
+  // FAULTLINE_MODE, FAULTLINE_PREFETCH, FAULTLINE_WORKERS, FAULTLINE_HUGE (ignored in setuid
   // programs; a bad value warns once on stderr and keeps the default).
   static PagingConfig FromEnvironment();
 };
@@ -70,6 +75,8 @@ struct PagingStats {
   uint64_t errors = 0;          // frames that could not be produced (SIGBUS)
   uint64_t bytes_read = 0;      // stored bytes read from the bundle
   uint64_t bytes_decompressed = 0;
+  uint64_t huge_installs = 0;   // huge units installed as one huge page (see README: huge units)
+  uint64_t huge_recycled = 0;   // of those, moved back on eviction for the next unit to reuse
   uint64_t resident_bytes = 0;
   uint64_t peak_resident_bytes = 0;
   uint64_t budget_bytes = 0;    // effective budget (at least two frames per worker)
@@ -131,6 +138,9 @@ class PagedBundle {
 
   const BundleInfo& info() const noexcept;
   PagingMode mode() const noexcept;  // the mode in use (kAuto resolved)
+  // Whether whole huge pages of sequentially read tensors are installed at
+  // once (PagingConfig::huge_pages, and the system allows it).
+  bool huge_units() const noexcept;
   Result<ModelView> model(std::string_view name) const;
   // The first model (the usual single-model bundle).
   ModelView model() const;

@@ -329,7 +329,7 @@ int faultline_paged_stats(const faultline_paged* p, faultline_paging_stats* out)
   PagingStats s = p->bundle->stats();
   faultline_paging_stats full = {};
   full.struct_size = out->struct_size;
-  full.version = 1;
+  full.version = 2;
   full.faults = s.faults;
   full.fault_waits = s.fault_waits;
   full.loads = s.loads;
@@ -345,6 +345,8 @@ int faultline_paged_stats(const faultline_paged* p, faultline_paging_stats* out)
   full.latency_p90_us = s.fault_latency.p90_us;
   full.latency_p99_us = s.fault_latency.p99_us;
   full.latency_max_us = s.fault_latency.max_us;
+  full.huge_installs = s.huge_installs;
+  full.huge_recycled = s.huge_recycled;
   memcpy(out, &full, std::min(out->struct_size, sizeof(full)));
   return 0;
 }

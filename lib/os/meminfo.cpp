@@ -2,8 +2,10 @@
 #include "os/meminfo.h"
 
 #include <fcntl.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -103,6 +105,56 @@ bool ReadHostMemory(HostMemory* out) noexcept {
   if (!out->total) return false;
   ReadCgroup(out);
   return true;
+}
+
+uint64_t TransparentHugePageSize() noexcept {
+  static const uint64_t size = [] {
+    char b[256];
+    if (!Slurp("/sys/kernel/mm/transparent_hugepage/enabled", b, sizeof b)) return uint64_t{0};
+    bool on = strstr(b, "[always]") || strstr(b, "[madvise]");
+    if (!Slurp("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", b, sizeof b)) return uint64_t{0};
+    uint64_t h = strtoull(b, nullptr, 10);
+    if (h < (64u << 10) || h > (64u << 20) || (h & (h - 1))) return uint64_t{0};
+    // Kernels with per-size controls may turn the PMD size off (or on) alone.
+    char path[128];
+    snprintf(path, sizeof path, "/sys/kernel/mm/transparent_hugepage/hugepages-%llukB/enabled",
+             static_cast<unsigned long long>(h >> 10));
+    if (Slurp(path, b, sizeof b) && !strstr(b, "[inherit]")) on = strstr(b, "[always]") || strstr(b, "[madvise]");
+    // Without the huge zero page a read fault in a huge-page range allocates
+    // and zeroes a huge page before userfaultfd sees it.
+    if (!Slurp("/sys/kernel/mm/transparent_hugepage/use_zero_page", b, sizeof b) || b[0] != '1') on = false;
+    return on ? h : uint64_t{0};
+  }();
+  return size;
+}
+
+// PAGEMAP_SCAN's ABI (linux/fs.h of 6.7; Debian's headers predate it).
+namespace {
+struct PageRegion {
+  uint64_t start, end, categories;
+};
+struct PmScanArg {
+  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+  uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+constexpr uint64_t kPageIsPresent = 1u << 3, kPageIsHuge = 1u << 6;
+constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
+}  // namespace
+
+int HugeMapped(int pagemap_fd, const void* addr, size_t len) noexcept {
+  PageRegion r[2] = {};
+  PmScanArg a = {};
+  a.size = sizeof a;
+  a.start = reinterpret_cast<uintptr_t>(addr);
+  a.end = a.start + len;
+  a.vec = reinterpret_cast<uintptr_t>(r);
+  a.vec_len = 2;
+  a.category_anyof_mask = a.return_mask = kPageIsPresent | kPageIsHuge;
+  long n = ioctl(pagemap_fd, kPagemapScan, &a);
+  if (n < 0) return -errno;
+  // One region, the whole range, present and huge.
+  return n == 1 && r[0].start == a.start && r[0].end == a.end &&
+         r[0].categories == (kPageIsPresent | kPageIsHuge);
 }
 
 }  // namespace faultline::internal

@@ -1,9 +1,11 @@
 // Host memory readings for pressure monitors: /proc/meminfo and the
 // process's memory cgroup (v2 memory.max/memory.current, v1
-// memory.limit_in_bytes/memory.usage_in_bytes).
+// memory.limit_in_bytes/memory.usage_in_bytes); and whether transparent
+// huge pages can be had.
 // Thread-safety: reentrant; reads a few small files per call.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace faultline::internal {
@@ -22,5 +24,16 @@ struct HostMemory {
 
 // False when /proc/meminfo cannot be read.
 bool ReadHostMemory(HostMemory* out) noexcept;
+
+// The transparent huge page size where this process can have anonymous
+// huge pages through MADV_HUGEPAGE and reads of empty huge-page ranges map
+// the huge zero page; else 0 (THP off, no zero page, an unexpected size).
+// Probed once.
+uint64_t TransparentHugePageSize() noexcept;
+
+// Whether [addr, addr + len) is mapped by huge page-table entries (PMD-mapped
+// THP or hugetlb), asked of /proc/self/pagemap (`pagemap_fd`) with the
+// PAGEMAP_SCAN ioctl (kernel >= 6.7); 1, 0, or -errno where it cannot tell.
+int HugeMapped(int pagemap_fd, const void* addr, size_t len) noexcept;
 
 }  // namespace faultline::internal

@@ -152,14 +152,15 @@ int Uffd::WriteProtect(void* addr, size_t len, bool protect) noexcept {
   return -errno;
 }
 
-int Uffd::Move(void* dst, void* src, size_t len, bool wake) noexcept {
+int Uffd::Move(void* dst, void* src, size_t len, bool wake, uint64_t* moved) noexcept {
   uffdio_move m = {};
   m.dst = reinterpret_cast<uintptr_t>(dst);
   m.src = reinterpret_cast<uintptr_t>(src);
   m.len = len;
   m.mode = wake ? 0 : UFFDIO_MOVE_MODE_DONTWAKE;
-  if (ioctl(fd(), UFFDIO_MOVE, &m) == 0) return 0;
-  return -errno;
+  int rc = ioctl(fd(), UFFDIO_MOVE, &m) == 0 ? 0 : -errno;
+  if (moved) *moved = rc == 0 ? len : m.move > 0 ? static_cast<uint64_t>(m.move) : 0;
+  return rc;
 }
 
 int Uffd::Poison(void* addr, size_t len) noexcept {

@@ -43,7 +43,8 @@ class Uffd {
   int ZeroPage(void* addr, size_t len) noexcept;
   // Sets or clears write protection on present pages; clearing wakes.
   int WriteProtect(void* addr, size_t len, bool protect) noexcept;
-  int Move(void* dst, void* src, size_t len, bool wake = true) noexcept;
+  // `moved` (optional) receives the bytes moved, also when it fails part way.
+  int Move(void* dst, void* src, size_t len, bool wake = true, uint64_t* moved = nullptr) noexcept;
   int Poison(void* addr, size_t len) noexcept;
   int Wake(void* addr, size_t len) noexcept;
 

@@ -21,6 +21,7 @@ constexpr OptionSpec kOptions[] = {
     {"FAULTLINE_MODE", "auto|uffd|guard|mmap", "auto", "how pages are faulted in"},
     {"FAULTLINE_PREFETCH", "integer", "32", "frames of readahead at most (0 = off)"},
     {"FAULTLINE_WORKERS", "integer", "cores", "fault-service threads"},
+    {"FAULTLINE_HUGE", "flag", "1", "load sequentially read tensors in whole huge pages, each installed by one UFFDIO_MOVE"},
     {"FAULTLINE_SHOW_STATS", "flag", "0", "print paging statistics when a bundle is closed or at exit"},
     {"FAULTLINE_VERBOSE", "flag", "0", "say on stderr which mode and features are in use"},
     {"FAULTLINE_GPU_BUDGET", "size", "half the free GPU memory", "bytes of tensors on the GPU"},

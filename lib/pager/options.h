@@ -9,7 +9,7 @@
 namespace faultline::internal {
 
 enum class OptionId : int {
-  kBudget, kPolicy, kMode, kPrefetch, kWorkers, kShowStats, kVerbose,
+  kBudget, kPolicy, kMode, kPrefetch, kWorkers, kHuge, kShowStats, kVerbose,
   // The GPU tier (include/faultline/cuda.hpp).
   kGpuBudget, kGpuHostBudget, kGpuLookahead, kGpuEvict, kGpuReadMostly, kGpuMonitor,
   kGpuOffload, kGpuEmergency, kGpuReload, kGpuDirect,

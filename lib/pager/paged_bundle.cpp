@@ -52,6 +52,7 @@ PagingConfig PagingConfig::FromEnvironment() {
   }
   OptionUnsigned(OptionId::kPrefetch, 4096, &c.prefetch_depth);
   OptionUnsigned(OptionId::kWorkers, 64, &c.workers);
+  OptionFlag(OptionId::kHuge, &c.huge_pages);
   return c;
 }
 
@@ -61,7 +62,8 @@ std::string PagingStats::ToString() const {
     << "  faults " << faults << " (waited on a load in flight: " << fault_waits << ")\n"
     << "  loads " << loads << " (prefetched before any touch: " << prefetched << "), evictions "
     << evictions << ", errors " << errors << "\n"
-    << "  read " << FormatSize(bytes_read) << ", decompressed " << FormatSize(bytes_decompressed) << "\n"
+    << "  read " << FormatSize(bytes_read) << ", decompressed " << FormatSize(bytes_decompressed)
+    << ", huge pages installed " << huge_installs << " (reused " << huge_recycled << ")\n"
     << "  resident " << FormatSize(resident_bytes) << ", peak " << FormatSize(peak_resident_bytes)
     << ", budget " << FormatSize(budget_bytes) << "\n";
   char buf[160];
@@ -175,8 +177,9 @@ Result<std::unique_ptr<PagedBundle>> PagedBundle::Open(const std::string& path, 
   LiveAdd(b.get());
   if (OptionFlag(OptionId::kShowStats)) TrackOpen(b.get());
   if (OptionFlag(OptionId::kVerbose))
-    fprintf(stderr, "faultline: %s paged in %s mode, budget %s\n", path.c_str(),
-            PagingModeName(b->impl_->engine->mode()), FormatSize(b->impl_->engine->Stats().budget_bytes).c_str());
+    fprintf(stderr, "faultline: %s paged in %s mode, budget %s, huge units %s\n", path.c_str(),
+            PagingModeName(b->impl_->engine->mode()), FormatSize(b->impl_->engine->Stats().budget_bytes).c_str(),
+            b->impl_->engine->HugeUnits() ? "on" : "off");
   return b;
 }
 
@@ -196,6 +199,7 @@ Result<std::unique_ptr<PagedBundle>> LoadPaged(const std::string& path, uint64_t
 
 const BundleInfo& PagedBundle::info() const noexcept { return impl_->engine->info(); }
 PagingMode PagedBundle::mode() const noexcept { return impl_->engine->mode(); }
+bool PagedBundle::huge_units() const noexcept { return impl_->engine->HugeUnits(); }
 
 Result<ModelView> PagedBundle::model(std::string_view name) const {
   const ModelInfo* m = info().FindModel(name);

@@ -19,6 +19,7 @@
 #include "bundle/codec.h"
 #include "core/status_macros.h"
 #include "io/uring.h"
+#include "os/meminfo.h"
 
 namespace faultline::internal {
 
@@ -44,13 +45,26 @@ void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, long timeout_ns) 
 }  // namespace
 
 struct Engine::Worker {
+  ~Worker() {
+    if (unit_map) munmap(unit_map, unit_map_len);
+  }
   std::thread thread;
-  std::vector<std::byte> stored;   // kBatch stored frames
+  std::vector<std::byte> stored;   // the batch's stored frames, back to back
   std::vector<std::byte> staging;  // kBatch decoded frames (COPY path)
   std::vector<std::byte> shuffle;  // one frame
   std::vector<ReadOp> ops;
   std::vector<Load> loads;
-  size_t bound = 0;
+  unsigned singles = 0;            // frame loads of this batch staged in `staging`
+  // Huge units: at most one per batch, decoded into `unit_slot` (a huge-page
+  // aligned range advised MADV_HUGEPAGE, not registered with userfaultfd:
+  // the kernel fills it with a fresh huge page after each move).
+  void* unit_map = nullptr;
+  size_t unit_map_len = 0;
+  std::byte* unit_slot = nullptr;
+  uint64_t unit_first = 0;         // global id of the unit's frame 0
+  uint64_t unit_claimed = 0;       // frames of it this batch loads (0: no unit)
+  std::byte* unit_src = nullptr;   // where it is decoded: unit_slot or a recycle slot
+  int32_t unit_recycled = -1;      // that recycle slot, or -1
 };
 
 Engine::Engine(std::unique_ptr<BundleReader> reader, const PagingConfig& config)
@@ -68,6 +82,10 @@ Status Engine::Start() {
   size_t count = 0;
   for (const auto& m : info.models) count += m.tensors.size();
   tensors_ = std::vector<TensorSlot>(count);
+  // A tensor that covers at least one whole huge page starts on a huge-page
+  // boundary (address space only), so that its units can be huge pages.
+  huge_ = TransparentHugePageSize();
+  uint64_t view_align = kMinPageSize;
   uint64_t cur = 0;
   size_t i = 0;
   for (const auto& m : info.models)
@@ -76,7 +94,13 @@ Status Engine::Start() {
       s.info = &t;
       s.model = &m;
       s.page = t.page_size;
-      s.offset = AlignUp(cur, t.page_size);
+      if (huge_ > t.page_size && t.frame_count >= huge_ / t.page_size) {
+        s.unit_frames = static_cast<uint32_t>(huge_ / t.page_size);
+        s.units = t.frame_count / s.unit_frames;
+      }
+      uint64_t align = s.units ? huge_ : t.page_size;
+      view_align = std::max(view_align, align);
+      s.offset = AlignUp(cur, align);
       s.frames = t.frame_count;
       s.first_frame = frame_count_;
       frame_count_ += t.frame_count;
@@ -85,6 +109,7 @@ Status Engine::Start() {
       if (t.frame_count) max_page_ = std::max(max_page_, t.page_size);
     }
   if (max_page_ == 0) max_page_ = kMinPageSize;
+  view_align = std::max<uint64_t>(view_align, max_page_);
   reserve_len_ = std::max<uint64_t>(AlignUp(cur, kAlign), kAlign);
   frames_ = std::make_unique<Frame[]>(frame_count_);
   resident_.reserve(frame_count_);  // no growth while serving faults
@@ -100,8 +125,8 @@ Status Engine::Start() {
   // access that straddles two frames always fit.
   budget_ = std::max<uint64_t>(config_.max_resident, 2ull * max_page_ * workers);
 
-  // Reserve the address range, aligned to the largest page size.
-  reserve_map_len_ = reserve_len_ + max_page_;
+  // Reserve the address range, aligned to the largest page (or huge page) size.
+  reserve_map_len_ = reserve_len_ + view_align;
   void* hint = nullptr;
   int fixed = 0;
   if (fixed_reserve_ && fixed_reserve_len_ == reserve_map_len_) {
@@ -115,7 +140,7 @@ Status Engine::Start() {
   if (r == MAP_FAILED) return Status::Error(errno, "cannot reserve %llu bytes of address space",
                                             static_cast<unsigned long long>(reserve_map_len_));
   reserve_ = static_cast<std::byte*>(r);
-  view_ = reinterpret_cast<std::byte*>(AlignUp(reinterpret_cast<uintptr_t>(reserve_), max_page_));
+  view_ = reinterpret_cast<std::byte*>(AlignUp(reinterpret_cast<uintptr_t>(reserve_), view_align));
   for (auto& t : tensors_) t.base = view_ + t.offset;
 
   mode_ = config_.mode;
@@ -140,16 +165,49 @@ Status Engine::Start() {
   int efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (efd < 0) return Status::Error(errno, "eventfd");
   wake_fd_.reset(efd);
+
+  // Huge units: userfaultfd with UFFDIO_MOVE, and a budget that holds a
+  // good number of huge pages for every worker.
+  size_t unit_stored = 0;
+  uint64_t unit_frames = 0;
+  for (const auto& t : tensors_)
+    if (t.units) {
+      unit_stored = std::max(unit_stored, t.unit_frames * MaxStoredLength(Codec::kZstd, t.page));
+      unit_frames = std::max<uint64_t>(unit_frames, t.unit_frames);
+    }
+  bool units = mode_ == PagingMode::kUffd && uffd_->features().move && config_.huge_pages && unit_frames &&
+               budget_ >= 4ull * huge_ * workers;
+  if (!units) unit_stored = unit_frames = 0;
+  evict_one_.reserve(unit_frames + 1);
   for (unsigned k = 0; k < workers; k++) {
     auto w = std::make_unique<Worker>();
-    w->bound = MaxStoredLength(Codec::kZstd, max_page_);
-    w->stored.resize(kBatch * w->bound);
+    size_t bound = MaxStoredLength(Codec::kZstd, max_page_);
+    w->stored.resize(kBatch * bound + unit_stored);
     if (mode_ == PagingMode::kUffd) w->staging.resize(kBatch * static_cast<size_t>(max_page_));
     w->shuffle.resize(max_page_);
-    w->loads.reserve(kBatch);
-    w->ops.reserve(kBatch);
+    w->loads.reserve(kBatch + unit_frames);
+    w->ops.reserve(kBatch + unit_frames);
+    if (units) {
+      void* m = mmap(nullptr, 2 * huge_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+      if (m == MAP_FAILED) {
+        units = false;
+      } else {
+        w->unit_map = m;
+        w->unit_map_len = 2 * huge_;
+        w->unit_slot = reinterpret_cast<std::byte*>(AlignUp(reinterpret_cast<uintptr_t>(m), huge_));
+        madvise(w->unit_slot, huge_, MADV_HUGEPAGE);
+        madvise(w->unit_slot, huge_, MADV_DONTFORK);
+      }
+    }
     workers_.push_back(std::move(w));
   }
+  // Faults on the region then take the huge-page path (the huge zero page
+  // for reads, so nothing is allocated before the fault reaches us), which
+  // leaves no page table behind: a later UFFDIO_MOVE of a huge page there
+  // maps it whole instead of splitting it.
+  if (units && madvise(view_, reserve_len_, MADV_HUGEPAGE) != 0) units = false;
+  if (units) SetUpRecycle(workers);
+  units_.store(units);
   for (auto& w : workers_) {
     Worker* wp = w.get();
     try {
@@ -194,6 +252,34 @@ Status Engine::SetUpUffd() {
     }
   }
   return Status::Ok();
+}
+
+// The recycle pool: one slot per worker and one more; none where the
+// kernel cannot say whether a unit is mapped by a huge entry (a unit mapped
+// by small pages would move back one page at a time).
+void Engine::SetUpRecycle(unsigned workers) {
+  int fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  pagemap_.reset(fd);
+  if (HugeMapped(fd, view_, kMinPageSize) < 0) return;
+  const uint64_t slots = workers + 1ull;
+  void* m = mmap(nullptr, (slots + 1) * huge_, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) return;
+  auto* base = reinterpret_cast<std::byte*>(AlignUp(reinterpret_cast<uintptr_t>(m), huge_));
+  madvise(base, slots * huge_, MADV_HUGEPAGE);
+  madvise(base, slots * huge_, MADV_DONTFORK);
+  if (!uffd_->RegisterMissing(base, slots * huge_).ok()) {
+    munmap(m, (slots + 1) * huge_);
+    return;
+  }
+  recycle_map_ = m;
+  recycle_map_len_ = (slots + 1) * huge_;
+  recycle_ = base;
+  recycle_slots_ = slots;
+  recycle_full_.reserve(slots);
+  recycle_holes_.reserve(slots);
+  for (uint64_t k = 0; k < slots; k++) recycle_holes_.push_back(static_cast<int32_t>(k));
 }
 
 Status Engine::SetUpGuard() {
@@ -262,10 +348,12 @@ Engine::~Engine() {
   if (uffd_ && view_) {
     (void)uffd_->Unregister(view_, reserve_len_);
     if (pool_) (void)uffd_->Unregister(pool_, pool_slots_ * max_page_);
+    if (recycle_) (void)uffd_->Unregister(recycle_, recycle_slots_ * huge_);
   }
   if (reserve_) munmap(reserve_, reserve_map_len_);
   if (work_) munmap(work_, reserve_len_);
   if (pool_) munmap(pool_, pool_slots_ * max_page_);
+  if (recycle_map_) munmap(recycle_map_, recycle_map_len_);
 }
 
 void Engine::Wake() {
@@ -284,6 +372,8 @@ void Engine::WorkerLoop(Worker* w) {
     if (poll(fds, 2, -1) < 0 && errno != EINTR) break;
     if (stopping_.load(std::memory_order_acquire)) break;
     w->loads.clear();
+    w->singles = 0;
+    w->unit_claimed = 0;
     if (mode_ == PagingMode::kUffd) {
       ssize_t n = read(fds[0].fd, msgs, sizeof(msgs));
       for (ssize_t k = 0; n > 0 && k < n / static_cast<ssize_t>(sizeof(uffd_msg)); k++)
@@ -302,9 +392,10 @@ void Engine::WorkerLoop(Worker* w) {
       std::unique_lock<std::mutex> lock(mu_);
       // Loads that must happen (Pin): demand semantics, budget permitting or not.
       while (w->loads.size() < kBatch && !forced_q_.empty()) {
-        uint64_t f = forced_q_.Pop();
+        uint64_t f = forced_q_.Pop() >> 1;
         if (frames_[f].state.load(std::memory_order_acquire) != kAbsent) continue;
-        ReserveLocked(f, false, lock);
+        if (ClaimUnitLocked(w, f, false, false, w->loads)) continue;
+        ReserveLocked(f, FramePage(f), false);
         uint32_t expected = kAbsent;
         if (frames_[f].state.compare_exchange_strong(expected, kLoading)) {
           frames_[f].prefetch = false;
@@ -314,11 +405,13 @@ void Engine::WorkerLoop(Worker* w) {
         }
       }
       while (w->loads.size() < kBatch && !prefetch_q_.empty()) {
-        uint64_t f = prefetch_q_.Pop();
+        uint64_t q = prefetch_q_.Pop();
+        uint64_t f = q >> 1;
         // Reserve before claiming: a claimed frame is never given back, or a
         // thread that faulted on it meanwhile would wait for nobody.
         if (frames_[f].state.load(std::memory_order_acquire) != kAbsent) continue;
-        if (!ReserveLocked(f, true, lock)) continue;
+        if ((q & 1) && ClaimUnitLocked(w, f, false, true, w->loads)) continue;
+        if (!ReserveLocked(f, FramePage(f), true)) continue;
         uint32_t expected = kAbsent;
         if (frames_[f].state.compare_exchange_strong(expected, kLoading)) {
           ClaimReservedLocked(w, f, true, w->loads);
@@ -363,14 +456,16 @@ void Engine::HandleFaultAddress(Worker* w, uintptr_t addr, uint32_t ptid, std::v
     switch (st) {
       case kAbsent: {
         if (!frames_[f].state.compare_exchange_strong(st, kLoading)) continue;
-        size_t before = loads.size();
-        Claim(w, f, false, loads);
-        if (loads.size() > before) loads.back().start_ns = NowNs();
+        Claim(w, f, loads);
         return;
       }
-      case kLoading:
+      case kLoading: {
         counters_.fault_waits.fetch_add(1, std::memory_order_relaxed);
+        // A sequential reader that caught up with the readahead: read further.
+        std::lock_guard<std::mutex> lock(mu_);
+        if (SequentialLocked(f, true)) QueueReadaheadLocked(f);
         return;  // the install wakes every thread waiting on the frame
+      }
       case kResident:
         if (uffd_) uffd_->Wake(FrameAddr(f), t.page);
         else FutexWakeAll(&frames_[f].state);
@@ -394,36 +489,87 @@ void Engine::HandleFaultAddress(Worker* w, uintptr_t addr, uint32_t ptid, std::v
 }
 
 // `f` is in kLoading, owned by the caller (a demand fault): reserve its
-// budget (demand loads always proceed) and queue it.
-void Engine::Claim(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads) {
-  std::unique_lock<std::mutex> lock(mu_);
-  ReserveLocked(f, prefetch, lock);
-  ClaimReservedLocked(w, f, prefetch, loads);
+// budget (demand loads always proceed) and queue it, with the rest of its
+// huge unit when the tensor is being read sequentially.
+void Engine::Claim(Worker* w, uint64_t f, std::vector<Load>& loads) {
+  std::lock_guard<std::mutex> lock(mu_);
+  TouchLocked(f);
+  bool sequential = SequentialLocked(f, false);
+  if (!sequential || !ClaimUnitLocked(w, f, true, false, loads)) {
+    ReserveLocked(f, FramePage(f), false);
+    ClaimReservedLocked(w, f, false, loads);
+  }
+  if (sequential) QueueReadaheadLocked(f);
 }
 
 void Engine::ClaimReservedLocked(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads) {
-  Load l{f, prefetch, -1, nullptr, 0};
+  Load l{f, prefetch, -1, nullptr, prefetch ? 0 : NowNs()};
   if (mode_ == PagingMode::kUffd) {
     if (use_move_ && !populated_.empty()) {
       l.slot = populated_.back();
       populated_.pop_back();
       l.staging = pool_ + static_cast<uint64_t>(l.slot) * max_page_;
     } else {
-      l.staging = w->staging.data() + loads.size() * static_cast<size_t>(max_page_);
+      l.staging = w->staging.data() + w->singles++ * static_cast<size_t>(max_page_);
     }
   } else {
     l.staging = WorkAddr(f);
   }
   frames_[f].prefetch = prefetch;
-  if (!prefetch) {
-    TouchLocked(f);
-    ReadaheadLocked(f);
-  }
   loads.push_back(l);
 }
 
-bool Engine::ReserveLocked(uint64_t f, bool prefetch, std::unique_lock<std::mutex>&) {
-  uint64_t p = FramePage(f);
+// Claims the absent frames of the huge unit holding `f` (`owned`: f is
+// already claimed by the caller's fault) and reserves their budget; false,
+// with nothing claimed, where the unit cannot be used: units off, the
+// worker already has one in this batch, f in no whole unit, fewer than two
+// frames to load, or (`optional`) no budget without evicting frames needed
+// sooner.
+bool Engine::ClaimUnitLocked(Worker* w, uint64_t f, bool owned, bool optional, std::vector<Load>& loads) {
+  if (w->unit_claimed || !units_.load(std::memory_order_relaxed)) return false;
+  TensorSlot& t = tensors_[frames_[f].tensor];
+  if (t.unit_frames == 0) return false;
+  const uint64_t u = frames_[f].index / t.unit_frames;
+  if (u >= t.units) return false;
+  const uint64_t first = t.first_frame + u * t.unit_frames, end = first + t.unit_frames;
+  uint64_t want = owned ? 1 : 0;
+  for (uint64_t g = first; g < end; g++)
+    if (frames_[g].state.load(std::memory_order_relaxed) == kAbsent) want++;
+  if (want < 2 || !ReserveLocked(f, want * t.page, optional)) return false;
+  // Decode into a recycled huge page where there is one.
+  w->unit_recycled = -1;
+  w->unit_src = w->unit_slot;
+  if (!recycle_full_.empty()) {
+    w->unit_recycled = recycle_full_.back();
+    recycle_full_.pop_back();
+    w->unit_src = recycle_ + static_cast<uint64_t>(w->unit_recycled) * huge_;
+  }
+  uint64_t claimed = 0;
+  for (uint64_t g = first; g < end; g++) {
+    const bool mine = owned && g == f;
+    uint32_t expected = kAbsent;
+    if (!mine && !frames_[g].state.compare_exchange_strong(expected, kLoading)) continue;
+    Load l{g, !mine, -1, w->unit_src + (g - first) * t.page, mine ? NowNs() : 0};
+    l.unit = true;
+    frames_[g].prefetch = !mine;
+    loads.push_back(l);
+    claimed++;
+  }
+  // The reservation counted the frames absent before it; eviction for it or
+  // other faults may have changed that.
+  inflight_bytes_ += claimed * t.page;
+  inflight_bytes_ -= want * t.page;
+  if (claimed == 0) {
+    if (w->unit_recycled >= 0) recycle_full_.push_back(w->unit_recycled);
+    return false;
+  }
+  w->unit_first = first;
+  w->unit_claimed = claimed;
+  t.ra_end = std::max<uint64_t>(t.ra_end, end - t.first_frame);
+  return true;
+}
+
+bool Engine::ReserveLocked(uint64_t f, uint64_t p, bool optional) {
   if (resident_bytes_ + inflight_bytes_ + p > budget_) {
     // Evict a batch: down to a little under the budget, so the unmapping
     // (and its TLB shootdown across the process's threads) is paid once per
@@ -433,13 +579,12 @@ bool Engine::ReserveLocked(uint64_t f, bool prefetch, std::unique_lock<std::mute
     std::vector<uint64_t>& victims = evict_batch_;
     victims.clear();
     while (resident_bytes_ + inflight_bytes_ > target) {
-      int64_t v = PickVictimLocked(f, prefetch);
+      int64_t v = PickVictimLocked(f, optional);
       if (v < 0) break;
-      RemoveResidentLocked(static_cast<uint64_t>(v));
-      victims.push_back(static_cast<uint64_t>(v));
+      RemoveVictimLocked(static_cast<uint64_t>(v), victims);
     }
     ReleaseLocked(victims);
-    if (resident_bytes_ + inflight_bytes_ + p > budget_ && prefetch) return false;
+    if (resident_bytes_ + inflight_bytes_ + p > budget_ && optional) return false;
     // Demand loads proceed regardless; the excess is bounded by the frames in flight.
   }
   inflight_bytes_ += p;
@@ -501,9 +646,26 @@ int64_t Engine::PickVictimLocked(uint64_t for_frame, bool prefetch) {
 }
 
 void Engine::EvictLocked(uint64_t f) {
-  RemoveResidentLocked(f);
-  evict_one_.assign(1, f);
+  evict_one_.clear();
+  RemoveVictimLocked(f, evict_one_);
   ReleaseLocked(evict_one_);
+}
+
+// Takes `f` out of the resident set for eviction; a frame of a huge unit
+// takes its whole unit with it (a part would split the huge page).
+void Engine::RemoveVictimLocked(uint64_t f, std::vector<uint64_t>& victims) {
+  if (!frames_[f].huge) {
+    RemoveResidentLocked(f);
+    victims.push_back(f);
+    return;
+  }
+  const TensorSlot& t = tensors_[frames_[f].tensor];
+  const uint64_t first = t.first_frame + frames_[f].index / t.unit_frames * t.unit_frames;
+  for (uint64_t g = first; g < first + t.unit_frames; g++)
+    if (frames_[g].resident_pos >= 0) {
+      RemoveResidentLocked(g);
+      victims.push_back(g);
+    }
 }
 
 // Takes `f` out of the resident set; its pages are released by ReleaseLocked.
@@ -543,7 +705,7 @@ void Engine::ReleaseLocked(std::vector<uint64_t>& victims) {
           moved = true;
         }
       }
-      if (!moved) madvise(addr, len, MADV_DONTNEED);
+      if (!moved) ReleaseRunLocked(victims.data() + i, j - i);
     } else {
       mprotect(addr, len, PROT_NONE);
       fallocate(memfd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -551,12 +713,48 @@ void Engine::ReleaseLocked(std::vector<uint64_t>& victims) {
     }
     for (size_t k = i; k < j; k++) {
       Frame& fr = frames_[victims[k]];
+      fr.huge = fr.pmd = false;
       counters_.evictions.fetch_add(1, std::memory_order_relaxed);
       tensors_[fr.tensor].counters.evictions.fetch_add(1, std::memory_order_relaxed);
       fr.state.store(kAbsent, std::memory_order_release);
     }
     i = j;
   }
+}
+
+// Drops a run of adjacent victims (uffd mode): the huge units in it that
+// one huge entry maps move back into recycle holes while there are some,
+// the rest goes by MADV_DONTNEED, one call per stretch.
+void Engine::ReleaseRunLocked(const uint64_t* run, size_t n) {
+  const uint64_t page = FramePage(run[0]);
+  size_t drop = 0;  // start of the stretch not yet released
+  auto flush = [&](size_t end) {
+    if (end > drop) madvise(FrameAddr(run[drop]), (end - drop) * page, MADV_DONTNEED);
+  };
+  for (size_t k = 0; k < n;) {
+    const Frame& fr = frames_[run[k]];
+    const uint32_t uf = tensors_[fr.tensor].unit_frames;
+    if (!fr.pmd || fr.index % uf != 0 || k + uf > n || recycle_holes_.empty()) {
+      k++;
+      continue;
+    }
+    flush(k);
+    const int32_t slot = recycle_holes_.back();
+    std::byte* dst = recycle_ + static_cast<uint64_t>(slot) * huge_;
+    uint64_t moved = 0;
+    uffd_->Move(dst, FrameAddr(run[k]), huge_, false, &moved);
+    if (moved == huge_) {
+      counters_.huge_recycled.fetch_add(1, std::memory_order_relaxed);
+      recycle_holes_.pop_back();
+      recycle_full_.push_back(slot);
+      drop = k += uf;
+      continue;
+    }
+    if (moved) madvise(dst, huge_, MADV_DONTNEED);  // a part: give it back, keep the hole
+    drop = k;  // the unit (what is left of it) goes with the stretch
+    k += uf;
+  }
+  flush(n);
 }
 
 void Engine::MarkResidentLocked(uint64_t f) {
@@ -616,43 +814,69 @@ void Engine::TouchLocked(uint64_t f) {
   }
 }
 
-void Engine::ReadaheadLocked(uint64_t f) {
-  if (config_.prefetch_depth == 0) return;
-  Frame& fr = frames_[f];
-  TensorSlot& t = tensors_[fr.tensor];
-  int64_t i = fr.index;
-  // Sequential: the fault lands just after the previous one or just past
-  // the frames read ahead for it (those did not fault).
-  if (t.last_fault >= 0 && i > t.last_fault && i <= t.last_fault + 1 + 2 * static_cast<int64_t>(t.window)) {
+// Readahead state for a fault (`wait`: on a frame already loading) at `f`:
+// true when it continues a sequential stream of its tensor, whose window
+// then grows. A fault elsewhere starts a new run with no readahead; a wait
+// elsewhere changes nothing.
+bool Engine::SequentialLocked(uint64_t f, bool wait) {
+  if (config_.prefetch_depth == 0) return false;
+  TensorSlot& t = tensors_[frames_[f].tensor];
+  const int64_t i = frames_[f].index;
+  // Sequential: past the previous fault and no further than what was read
+  // ahead for it (those frames did not fault).
+  const int64_t reach = std::max<int64_t>(t.last_fault + 1 + 2 * static_cast<int64_t>(t.window),
+                                          static_cast<int64_t>(t.ra_end));
+  if (t.last_fault >= 0 && i > t.last_fault && i <= reach) {
     t.window = std::min<uint32_t>(std::max<uint32_t>(1, t.window * 2), config_.prefetch_depth);
-  } else {
-    t.window = 0;  // random access: no readahead until a second sequential fault
-    t.run_start = tick_;
+    t.last_fault = i;
+    return true;
   }
+  if (wait) return false;
+  t.window = 0;
+  t.ra_end = 0;
+  t.run_start = tick_;
   t.last_fault = i;
-  // Read twice the window ahead, so the next fault of the stream comes when
-  // half of it is still ahead of the reader.
-  for (uint64_t k = 1; k <= 2ull * t.window && static_cast<uint64_t>(i) + k < t.frames; k++)
-    QueuePrefetchLocked(t.first_frame + static_cast<uint64_t>(i) + k);
+  return false;
 }
 
-void Engine::QueuePrefetchLocked(uint64_t f) {
+// Queues the frames of a sequential stream at `f` that are not yet read
+// ahead: twice the window past f, so that the next fault of the stream
+// comes when half of it is still ahead of the reader; at least two huge
+// units where the tensor has them, so that every worker has one to load.
+void Engine::QueueReadaheadLocked(uint64_t f) {
+  TensorSlot& t = tensors_[frames_[f].tensor];
+  const uint64_t i = frames_[f].index;
+  uint64_t ahead = 2ull * t.window;
+  if (t.units && units_.load(std::memory_order_relaxed)) ahead = std::max<uint64_t>(ahead, 2ull * t.unit_frames);
+  const uint64_t to = std::min<uint64_t>(i + 1 + ahead, t.frames);
+  for (uint64_t k = std::max<uint64_t>(i + 1, t.ra_end); k < to; k++) QueuePrefetchLocked(t.first_frame + k);
+  t.ra_end = std::max(t.ra_end, to);
+}
+
+void Engine::QueuePrefetchLocked(uint64_t f, bool unit_ok) {
   if (frames_[f].state.load(std::memory_order_relaxed) != kAbsent) return;
   bool was_empty = prefetch_q_.empty();
-  if (!prefetch_q_.Push(f)) return;  // full: readahead is a hint
+  if (!prefetch_q_.Push(f << 1 | (unit_ok ? 1 : 0))) return;  // full: readahead is a hint
   if (was_empty) Wake();  // workers that take from the queue wake the next one
 }
 
 void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
   if (loads.empty()) return;
   w->ops.clear();
+  size_t at = 0;  // stored frames back to back; each fits MaxStoredLength of its page
   for (size_t k = 0; k < loads.size(); k++) {
     const Frame& fr = frames_[loads[k].frame];
     const TensorInfo& ti = *tensors_[fr.tensor].info;
     const FrameRecord& rec = bundle_.frames[ti.first_frame + fr.index];
-    w->ops.push_back(ReadOp{bundle_.fd.get(), rec.offset, rec.stored_length, w->stored.data() + k * w->bound});
+    // A frame stored verbatim is read where it will be installed from
+    // (DecodeFrame then only checks it).
+    void* buf = w->stored.data() + at;
+    if (ti.codec == Codec::kRaw || (rec.flags & kFrameStoredRaw)) buf = loads[k].staging;
+    else at += rec.stored_length;
+    w->ops.push_back(ReadOp{bundle_.fd.get(), rec.offset, rec.stored_length, buf});
   }
   Status rs = ReadBatch(w->ops, "bundle frames");
+  bool unit_whole = w->unit_claimed != 0;
   for (size_t k = 0; k < loads.size(); k++) {
     Load& l = loads[k];
     const Frame& fr = frames_[l.frame];
@@ -661,7 +885,7 @@ void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
     Status s = rs;
     if (s.ok()) {
       s = DecodeFrame(BundleReader::Impl::CodecOf(*t.info), rec,
-                      {w->stored.data() + k * w->bound, rec.stored_length},
+                      {static_cast<const std::byte*>(w->ops[k].buf), rec.stored_length},
                       {l.staging, rec.raw_length}, w->shuffle.data());
       if (rec.raw_length < t.page) memset(l.staging + rec.raw_length, 0, t.page - rec.raw_length);
     }
@@ -672,20 +896,14 @@ void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
         std::lock_guard<std::mutex> lock(mu_);
         populated_.push_back(l.slot);
       }
+      if (l.unit) {
+        l.unit = false;  // out of the unit's install
+        unit_whole = false;
+      }
       continue;
     }
-    // Counted before the install wakes the faulting threads, so that a
-    // thread reading the statistics after its access sees its own load.
-    counters_.bytes_read.fetch_add(rec.stored_length, std::memory_order_relaxed);
-    counters_.bytes_decompressed.fetch_add(rec.raw_length, std::memory_order_relaxed);
-    counters_.loads.fetch_add(1, std::memory_order_relaxed);
-    t.counters.loads.fetch_add(1, std::memory_order_relaxed);
-    if (l.prefetch) {
-      counters_.prefetched.fetch_add(1, std::memory_order_relaxed);
-      t.counters.prefetched.fetch_add(1, std::memory_order_relaxed);
-    } else {
-      latency_.Add(NowNs() - l.start_ns);
-    }
+    if (l.unit) continue;  // installed with its unit below
+    CountLoad(l);
     std::byte* dst = FrameAddr(l.frame);
     bool slot_emptied = false;
     if (mode_ == PagingMode::kUffd) {
@@ -694,12 +912,7 @@ void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
         rc = uffd_->Move(dst, l.staging, t.page);
         slot_emptied = rc == 0;
       }
-      for (int attempt = 0; rc != 0 && attempt < 100; attempt++) {
-        rc = uffd_->Copy(dst, l.staging, t.page);
-        if (rc == -EEXIST) rc = 0;  // already present: nothing to install
-        if (rc == -EAGAIN) sched_yield();
-        else if (rc != 0) break;
-      }
+      if (rc != 0) rc = CopyIn(dst, l.staging, t.page);
       if (rc != 0) {
         InstallFailed(l.frame, Status::Error(-rc, "installing tensor '%.64s' frame %u", t.info->name.c_str(), fr.index));
         continue;
@@ -716,6 +929,94 @@ void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
     loaded_cv_.notify_all();
     if (mode_ == PagingMode::kGuard) FutexWakeAll(&frames_[l.frame].state);
   }
+  if (w->unit_claimed) InstallUnit(w, loads, unit_whole && w->unit_claimed == tensors_[frames_[w->unit_first].tensor].unit_frames);
+}
+
+// Counted before the install wakes the faulting threads, so that a thread
+// reading the statistics after its access sees its own load.
+void Engine::CountLoad(const Load& l) {
+  const Frame& fr = frames_[l.frame];
+  TensorSlot& t = tensors_[fr.tensor];
+  const FrameRecord& rec = bundle_.frames[t.info->first_frame + fr.index];
+  counters_.bytes_read.fetch_add(rec.stored_length, std::memory_order_relaxed);
+  counters_.bytes_decompressed.fetch_add(rec.raw_length, std::memory_order_relaxed);
+  counters_.loads.fetch_add(1, std::memory_order_relaxed);
+  t.counters.loads.fetch_add(1, std::memory_order_relaxed);
+  if (l.prefetch) {
+    counters_.prefetched.fetch_add(1, std::memory_order_relaxed);
+    t.counters.prefetched.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    latency_.Add(NowNs() - l.start_ns);
+  }
+}
+
+// UFFDIO_COPY, retried while the kernel asks; 0 or -errno.
+int Engine::CopyIn(std::byte* dst, const std::byte* src, uint64_t len) {
+  int rc = -EAGAIN;
+  for (int attempt = 0; rc != 0 && attempt < 100; attempt++) {
+    rc = uffd_->Copy(dst, src, len);
+    if (rc == -EEXIST) rc = 0;  // already present: nothing to install
+    if (rc == -EAGAIN) sched_yield();
+    else if (rc != 0) break;
+  }
+  return rc;
+}
+
+// Installs the decoded frames of the worker's huge unit (those still marked
+// `unit` in `loads`): a `whole` unit (every frame claimed and decoded) by one
+// UFFDIO_MOVE of the huge page, the rest of it (a move that failed part way,
+// or a partial unit) by UFFDIO_COPY from the slot.
+void Engine::InstallUnit(Worker* w, std::vector<Load>& loads, bool whole) {
+  const TensorSlot& t = tensors_[frames_[w->unit_first].tensor];
+  std::byte* base = FrameAddr(w->unit_first);
+  for (const Load& l : loads)
+    if (l.unit) CountLoad(l);
+  uint64_t moved = 0;
+  bool pmd = false;
+  if (whole) {
+    int rc = uffd_->Move(base, w->unit_src, huge_, true, &moved);
+    if (rc == -EAGAIN && moved == 0) rc = uffd_->Move(base, w->unit_src, huge_, true, &moved);
+    if (rc == 0) counters_.huge_installs.fetch_add(1, std::memory_order_relaxed);
+    // A mapping that cannot take moves at all (mlocked, say): stop trying.
+    if (rc == -EINVAL && moved == 0) units_.store(false, std::memory_order_relaxed);
+    pmd = rc == 0 && recycle_ && HugeMapped(pagemap_.get(), base, huge_) == 1;
+  }
+  // A recycle slot moved out whole is a hole; one not moved at all still
+  // holds its huge page; one moved in part is emptied.
+  int32_t hole = -1, full = -1;
+  if (w->unit_recycled >= 0) {
+    if (moved == 0) {
+      full = w->unit_recycled;
+    } else {
+      if (moved < huge_) madvise(w->unit_src, huge_, MADV_DONTNEED);
+      hole = w->unit_recycled;
+    }
+  }
+  for (Load& l : loads) {
+    if (!l.unit) continue;
+    const uint64_t off = static_cast<uint64_t>(FrameAddr(l.frame) - base);
+    if (off + t.page <= moved) continue;
+    const uint64_t from = moved > off ? moved - off : 0;
+    int rc = CopyIn(base + off + from, l.staging + from, t.page - from);
+    if (rc != 0) {
+      l.unit = false;
+      InstallFailed(l.frame, Status::Error(-rc, "installing tensor '%.64s' frame %u", t.info->name.c_str(),
+                                           frames_[l.frame].index));
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Load& l : loads) {
+      if (!l.unit) continue;
+      inflight_bytes_ -= t.page;
+      frames_[l.frame].huge = whole;
+      frames_[l.frame].pmd = pmd;
+      MarkResidentLocked(l.frame);
+    }
+    if (hole >= 0) recycle_holes_.push_back(hole);
+    if (full >= 0) recycle_full_.push_back(full);
+  }
+  loaded_cv_.notify_all();
 }
 
 void Engine::InstallFailed(uint64_t f, const Status& s) {
@@ -749,7 +1050,15 @@ void Engine::Prefetch(uint32_t t, uint64_t offset, uint64_t length) {
     return;
   }
   std::lock_guard<std::mutex> lock(mu_);
-  for (uint64_t k = offset / ts.page; k * ts.page < end; k++) QueuePrefetchLocked(ts.first_frame + k);
+  for (uint64_t k = offset / ts.page; k * ts.page < end; k++) {
+    // A frame may bring its whole huge unit when the range covers the unit.
+    bool unit_ok = false;
+    if (ts.unit_frames && k / ts.unit_frames < ts.units) {
+      uint64_t u0 = k / ts.unit_frames * ts.unit_frames * ts.page, u1 = u0 + uint64_t{ts.unit_frames} * ts.page;
+      unit_ok = offset <= u0 && end >= std::min<uint64_t>(u1, ts.info->size);
+    }
+    QueuePrefetchLocked(ts.first_frame + k, unit_ok);
+  }
 }
 
 void Engine::DontNeed(uint32_t t) {
@@ -788,7 +1097,7 @@ Status Engine::Pin(uint32_t t) {
   // has drained) and wakes the workers.
   auto queue_absent = [&] {
     for (uint64_t k = 0; k < ts.frames; k++)
-      if (frames_[ts.first_frame + k].state.load() == kAbsent && !forced_q_.Push(ts.first_frame + k)) break;
+      if (frames_[ts.first_frame + k].state.load() == kAbsent && !forced_q_.Push((ts.first_frame + k) << 1 | 1)) break;
     if (!forced_q_.empty()) Wake();
   };
   queue_absent();

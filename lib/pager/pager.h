@@ -7,6 +7,18 @@
 // evicted pages return to, UFFDIO_COPY where MOVE is missing, or mprotect
 // over a memfd alias in guard mode.
 //
+// Huge units: a tensor of at least one transparent huge page (2 MiB on
+// x86-64) starts at a huge-page boundary, and every aligned huge page that
+// its frames cover fully is a unit. A sequential stream, a plan step, a pin
+// or a hint that covers a whole unit loads the unit's frames together,
+// decoded into a per-worker huge-page slot and installed by one UFFDIO_MOVE
+// of the whole huge page (one page-table entry, one TLB flush); such frames
+// are marked `huge` and are evicted together: a unit mapped by one huge
+// page-table entry (`pmd`, asked of /proc/self/pagemap) is moved back by one
+// UFFDIO_MOVE into a small recycle pool, whose huge pages the next unit
+// loads decode into (no page is freed, allocated or zeroed on the way);
+// otherwise one MADV_DONTNEED drops it. Random faults stay frame-sized.
+//
 // Locking: mu_ guards policy state (resident list, plan, slot lists); only
 // service workers and hint calls take it, never an application thread in a
 // fault (uffd: the thread sleeps in the kernel; guard: the handler only
@@ -44,6 +56,8 @@ struct Frame {
   int64_t lru_prev = -1, lru_next = -1;  // Engine's LRU list of resident frames
   int32_t slot = -1;          // pool slot that will take its pages back (MOVE path)
   bool prefetch = false;      // being loaded by prefetch
+  bool huge = false;          // resident as part of a whole huge unit: evicted with it
+  bool pmd = false;           // and that unit is mapped by one huge page-table entry
 };
 
 struct TensorSlot {
@@ -54,10 +68,13 @@ struct TensorSlot {
   uint32_t page = 0;
   uint64_t first_frame = 0;   // global frame id of its frame 0
   uint64_t frames = 0;
+  uint32_t unit_frames = 0;   // frames per huge unit (0: the tensor has no unit)
+  uint64_t units = 0;         // whole units, from frame 0
   int64_t plan_pos = -1;
   // Readahead state, guarded by mu_.
   int64_t last_fault = -2;
   uint32_t window = 0;
+  uint64_t ra_end = 0;        // frames before this were queued or claimed by readahead
   uint64_t run_start = 0;
   TensorCounters counters;
 };
@@ -102,6 +119,8 @@ class Engine {
 
   const BundleInfo& info() const { return reader_->info(); }
   PagingMode mode() const { return mode_; }
+  // Whether whole huge pages are installed by UFFDIO_MOVE (see above).
+  bool HugeUnits() const { return units_.load(std::memory_order_relaxed); }
   std::byte* TensorBase(uint32_t t) const { return tensors_[t].base; }
   uint32_t TensorCount() const { return static_cast<uint32_t>(tensors_.size()); }
   uint32_t FirstTensorOf(const ModelInfo* m) const;
@@ -134,29 +153,39 @@ class Engine {
     int32_t slot;
     std::byte* staging;
     uint64_t start_ns;
+    bool unit = false;        // one of the frames of the worker's huge unit
   };
   struct Worker;
 
   Status SetUpUffd();
   Status SetUpGuard();
   Status SetUpMmap();
+  void SetUpRecycle(unsigned workers);
   void WorkerLoop(Worker* w);
   void HandleFaultAddress(Worker* w, uintptr_t addr, uint32_t ptid, std::vector<Load>& loads);
-  void Claim(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads);
+  void Claim(Worker* w, uint64_t f, std::vector<Load>& loads);
   void ClaimReservedLocked(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads);
+  bool ClaimUnitLocked(Worker* w, uint64_t f, bool owned, bool optional, std::vector<Load>& loads);
   void RunLoads(Worker* w, std::vector<Load>& loads);
-  bool ReserveLocked(uint64_t f, bool prefetch, std::unique_lock<std::mutex>& lock);
+  void InstallUnit(Worker* w, std::vector<Load>& loads, bool whole);
+  void CountLoad(const Load& l);
+  int CopyIn(std::byte* dst, const std::byte* src, uint64_t len);
+  bool ReserveLocked(uint64_t f, uint64_t bytes, bool optional);
   int64_t PickVictimLocked(uint64_t for_frame, bool prefetch);
   void EvictLocked(uint64_t f);
+  void RemoveVictimLocked(uint64_t f, std::vector<uint64_t>& victims);
   void RemoveResidentLocked(uint64_t f);
   void ReleaseLocked(std::vector<uint64_t>& victims);
+  void ReleaseRunLocked(const uint64_t* run, size_t n);
   void InstallFailed(uint64_t f, const Status& s);
   void MarkResidentLocked(uint64_t f);
   void TouchLocked(uint64_t f);
   void LruUnlinkLocked(uint64_t f);
   void LruAppendLocked(uint64_t f);
-  void ReadaheadLocked(uint64_t f);
-  void QueuePrefetchLocked(uint64_t f);
+  bool SequentialLocked(uint64_t f, bool wait);
+  void QueueReadaheadLocked(uint64_t f);
+  // `unit_ok`: the request covers the frame's whole huge unit.
+  void QueuePrefetchLocked(uint64_t f, bool unit_ok = true);
   uint64_t PlanDistanceLocked(uint64_t f) const;
   std::byte* FrameAddr(uint64_t f) const {
     const TensorSlot& t = tensors_[frames_[f].tensor];
@@ -186,6 +215,16 @@ class Engine {
   uint64_t fixed_reserve_len_ = 0;
   std::byte* view_ = nullptr;
   uint64_t reserve_len_ = 0;
+  uint64_t huge_ = 0;             // transparent huge page size, 0 where THP is off
+  std::atomic<bool> units_{false};  // huge units in use
+  // Recycle pool (huge units): huge-page slots registered with the
+  // userfaultfd (a move's destination must be) that evicted units move
+  // into and unit loads decode into. Lists guarded by mu_.
+  std::byte* recycle_ = nullptr;
+  void* recycle_map_ = nullptr;
+  uint64_t recycle_map_len_ = 0, recycle_slots_ = 0;
+  std::vector<int32_t> recycle_full_, recycle_holes_;
+  UniqueFd pagemap_;
   std::byte* work_ = nullptr;     // guard mode alias
   UniqueFd memfd_;
   std::optional<Uffd> uffd_;

@@ -20,7 +20,9 @@ namespace faultline::internal {
   X(evictions)                       \
   X(errors)                          \
   X(bytes_read)                      \
-  X(bytes_decompressed)
+  X(bytes_decompressed)              \
+  X(huge_installs)                   \
+  X(huge_recycled)
 
 struct PagerCounters {
 #define FL_DECLARE(name) std::atomic<uint64_t> name{0};

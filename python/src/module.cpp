@@ -162,6 +162,8 @@ class Bundle {
     d["errors"] = s.errors;
     d["bytes_read"] = s.bytes_read;
     d["bytes_decompressed"] = s.bytes_decompressed;
+    d["huge_installs"] = s.huge_installs;
+    d["huge_recycled"] = s.huge_recycled;
     d["resident_bytes"] = s.resident_bytes;
     d["peak_resident_bytes"] = s.peak_resident_bytes;
     d["budget_bytes"] = s.budget_bytes;

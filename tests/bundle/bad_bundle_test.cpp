@@ -236,10 +236,7 @@ TEST_CASE("unknown frame flags are refused") {
 TEST_CASE("a frame whose checksum does not match names its tensor and frame") {
   TempDir dir;
   std::string p = MakeGood(dir);
-  auto rec = FrameAt(p, 4);  // tensor b, frame 1
-  auto f = ReadFileBytes(p);
-  f[rec.offset + rec.stored_length / 2] ^= std::byte{0x40};
-  WriteFileBytes(p, f);
+  CorruptFrame(p, 4, std::byte{0x40});  // tensor b, frame 1
   auto r = BundleReader::Open(p);
   REQUIRE(r.ok());  // opening does not read frames
   const ModelInfo& m = (*r)->info().models[0];

@@ -106,6 +106,14 @@ inline internal::FrameRecord FrameAt(const std::string& path, uint64_t index) {
                                      index * internal::kFrameRecordSize);
 }
 
+// Flips bits of one byte in the middle of frame record `index`'s stored bytes.
+inline void CorruptFrame(const std::string& path, uint64_t index, std::byte mask) {
+  auto rec = FrameAt(path, index);
+  auto file = ReadFileBytes(path);
+  file[rec.offset + rec.stored_length / 2] ^= mask;
+  WriteFileBytes(path, file);
+}
+
 inline std::string OpenError(const std::string& path) {
   auto r = BundleReader::Open(path);
   return r.ok() ? std::string("(opened)") : std::string(r.status().message());

@@ -174,10 +174,7 @@ TEST_CASE("a corrupt frame is an error on the host naming the tensor, never data
     REQUIRE(r.ok());
     const TensorInfo* w2 = (*r)->info().models[0].FindTensor("layers.2.weight");
     REQUIRE(w2);
-    auto rec = FrameAt(path, w2->first_frame + 3);
-    auto f = ReadFileBytes(path);
-    f[rec.offset + rec.stored_length / 2] ^= std::byte{0x40};
-    WriteFileBytes(path, f);
+    CorruptFrame(path, w2->first_frame + 3, std::byte{0x40});
   }
   auto b = DeviceBundle::Open(path, Config(kBudget));
   REQUIRE(b.ok());

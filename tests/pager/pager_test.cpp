@@ -20,6 +20,7 @@
 
 #include "bundle/bundle_util.h"
 #include "faultline/paging.hpp"
+#include "os/meminfo.h"
 #include "os/uffd.h"
 
 using namespace faultline;
@@ -72,8 +73,9 @@ void CheckAll(PagedBundle& b, const std::vector<Spec>& specs) {
   }
 }
 
-// Rss of the mapping that contains `addr`, from /proc/self/smaps.
-uint64_t MappingRss(const void* addr) {
+// A field ("Rss", "AnonHugePages") of the mapping that contains `addr`,
+// from /proc/self/smaps, in bytes.
+uint64_t MappingField(const void* addr, const char* field) {
   std::ifstream in("/proc/self/smaps");
   std::string line;
   auto a = reinterpret_cast<uintptr_t>(addr);
@@ -86,9 +88,57 @@ uint64_t MappingRss(const void* addr) {
       continue;
     }
     unsigned long kb;
-    if (inside && sscanf(line.c_str(), "Rss: %lu kB", &kb) == 1) rss += kb * 1024;
+    if (inside && line.compare(0, strlen(field), field) == 0 && line[strlen(field)] == ':' &&
+        sscanf(line.c_str() + strlen(field) + 1, "%lu kB", &kb) == 1)
+      rss += kb * 1024;
   }
   return rss;
+}
+
+uint64_t MappingRss(const void* addr) { return MappingField(addr, "Rss"); }
+
+// Waits until no load has landed for 50 ms.
+void Settle(PagedBundle& b) {
+  for (int i = 0; i < 200; i++) {
+    uint64_t loads = b.stats().loads;
+    usleep(50000);
+    if (b.stats().loads == loads) return;
+  }
+}
+
+// Large tensors, each covering whole huge pages (and one with a partial
+// unit at its end), for the huge-unit paths; returns the reference data.
+std::vector<Spec> MakeLarge(const std::string& path) {
+  TensorOptions shuf, raw, small;
+  shuf.shuffle = true;
+  raw.codec = Codec::kRaw;
+  small.page_size = 16384;
+  std::vector<Spec> specs;
+  specs.push_back(MakeSpec("big", DType::kF32, {2048, 2048}, shuf, 41, true));     // 16 MiB
+  specs.push_back(MakeSpec("raw", DType::kBF16, {3 << 20}, raw, 42, true));        // 6 MiB
+  specs.push_back(MakeSpec("odd", DType::kU8, {(5 << 20) + 12345}, {}, 43, true));  // 5 MiB + a tail
+  specs.push_back(MakeSpec("pages16k", DType::kF32, {1 << 20}, small, 44, true));  // 4 MiB of 16 KiB frames
+  auto r = BuildBundle(path, "m", specs);
+  if (!r.ok()) throw std::runtime_error(r.status().ToString());
+  return specs;
+}
+
+// Whether this machine gives the pager huge units (userfaultfd mode only).
+bool HugeUnitsExpected() {
+  return g_mode == PagingMode::kUffd && internal::TransparentHugePageSize() == (2u << 20) &&
+         internal::UffdAvailable() && internal::Uffd::Open().ok() && internal::Uffd::Open()->features().move;
+}
+
+// Reads a tensor front to back in 64 KiB steps, comparing as it goes;
+// samples the mapping's huge pages on the way (max into *huge).
+bool ReadSequentially(const TensorView& t, const Spec& s, uint64_t* huge = nullptr) {
+  const auto* p = static_cast<const std::byte*>(t.data());
+  for (uint64_t off = 0; off < s.data.size(); off += 65536) {
+    uint64_t n = std::min<uint64_t>(65536, s.data.size() - off);
+    if (memcmp(p + off, s.data.data() + off, n) != 0) return false;
+    if (huge && off % (4 << 20) == (2 << 20)) *huge = std::max(*huge, MappingField(p, "AnonHugePages"));
+  }
+  return true;
 }
 
 int CountDir(const char* path) {
@@ -169,11 +219,7 @@ TEST_CASE("a corrupted frame gives SIGBUS in the thread that touches it; other t
   TempDir dir;
   std::string path = dir / "m.apbundle";
   auto specs = MakeModel(path);
-  // Corrupt frame 1 of layers.0.w (frame record 1).
-  auto rec = FrameAt(path, 1);
-  auto f = ReadFileBytes(path);
-  f[rec.offset + rec.stored_length / 2] ^= std::byte{0x10};
-  WriteFileBytes(path, f);
+  CorruptFrame(path, 1, std::byte{0x10});  // frame 1 of layers.0.w
 
   std::atomic<int> callbacks{0};
   PagingConfig c = Config(4 << 20);
@@ -241,6 +287,164 @@ TEST_CASE("sequential reads trigger readahead") {
   CHECK(s.loads - s.prefetched < t->info().frame_count);  // fewer frames loaded on demand
 }
 
+TEST_CASE("sequential reads of large tensors install whole huge pages within the budget") {
+  TempDir dir;
+  std::string path = dir / "l.apbundle";
+  auto specs = MakeLarge(path);
+  const uint64_t budget = 20 << 20;  // 5 huge pages per worker, under the 31 MiB of tensors
+  for (EvictionPolicy policy : {EvictionPolicy::kLru, EvictionPolicy::kLfu, EvictionPolicy::kPlan}) {
+    CAPTURE(EvictionPolicyName(policy));
+    auto b = PagedBundle::Open(path, Config(budget, policy));
+    REQUIRE(b.ok());
+    CHECK((*b)->huge_units() == HugeUnitsExpected());
+    uint64_t huge = 0;
+    for (int pass = 0; pass < 2; pass++)
+      for (const auto& s : specs) CHECK_MESSAGE(ReadSequentially(*(*b)->model().tensor(s.name), s, &huge), s.name);
+    CheckAll(**b, specs);  // and once more in one go, after evictions
+    PagingStats st = (*b)->stats();
+    CHECK(st.errors == 0);
+    CHECK(st.evictions > 0);
+    // Budget plus what two workers can have in flight: a unit and a batch each.
+    const uint64_t slack = 2 * ((2 << 20) + 8 * 65536);
+    CHECK(st.peak_resident_bytes <= st.budget_bytes + slack);
+    CHECK(MappingRss((*b)->model().tensor("big")->data()) <= st.budget_bytes + slack);
+    if (HugeUnitsExpected()) {
+      // Whole units of every large tensor, the 16 KiB-frame one included,
+      // each installed as one huge page that the mapping really holds.
+      CHECK(st.huge_installs >= 2 * (8 + 3 + 2 + 2) / 2);
+      CHECK(st.huge_recycled > 0);  // evicted huge pages came back for later units
+      CHECK(huge >= (2u << 20));
+      CHECK(st.loads - st.prefetched < st.loads / 4);  // mostly read ahead
+    } else {
+      CHECK(st.huge_installs == 0);
+    }
+  }
+}
+
+TEST_CASE("huge units can be turned off, and small budgets never use them") {
+  TempDir dir;
+  std::string path = dir / "l.apbundle";
+  auto specs = MakeLarge(path);
+  PagingConfig off = Config(20 << 20);
+  off.huge_pages = false;
+  setenv("FAULTLINE_HUGE", "0", 1);
+  CHECK_FALSE(PagingConfig::FromEnvironment().huge_pages);
+  unsetenv("FAULTLINE_HUGE");
+  CHECK(PagingConfig::FromEnvironment().huge_pages);
+  for (const PagingConfig& c : {off, Config(8 << 20)}) {
+    auto b = PagedBundle::Open(path, c);
+    REQUIRE(b.ok());
+    CHECK_FALSE((*b)->huge_units());
+    for (const auto& s : specs) CHECK(ReadSequentially(*(*b)->model().tensor(s.name), s));
+    CHECK((*b)->stats().huge_installs == 0);
+    CHECK((*b)->stats().errors == 0);
+  }
+}
+
+TEST_CASE("threads streaming through large tensors at once get the right bytes") {
+  TempDir dir;
+  std::string path = dir / "l.apbundle";
+  auto specs = MakeLarge(path);
+  auto b = PagedBundle::Open(path, Config(24 << 20, EvictionPolicy::kLru, 3));
+  REQUIRE(b.ok());
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; t++)
+    threads.emplace_back([&, t] {
+      for (int round = 0; round < 3; round++) {
+        const Spec& s = specs[(t + round) % specs.size()];
+        if (!ReadSequentially(*(*b)->model().tensor(s.name), s)) bad++;
+      }
+    });
+  for (auto& th : threads) th.join();
+  CHECK(bad.load() == 0);
+  PagingStats st = (*b)->stats();
+  CHECK(st.errors == 0);
+  CHECK(st.peak_resident_bytes <= st.budget_bytes + 3 * ((2 << 20) + 8 * 65536));
+  if (HugeUnitsExpected()) CHECK(st.huge_installs > 0);
+}
+
+TEST_CASE("a corrupted frame inside a huge unit fails alone") {
+  TempDir dir;
+  std::string path = dir / "l.apbundle";
+  auto specs = MakeLarge(path);
+  CorruptFrame(path, 37, std::byte{0x01});  // frame 37 of "big": the sixth of its second unit
+  const Spec& big = specs[0];
+  int status = RunInChild([&]() -> int {
+    signal(SIGBUS, SIG_DFL);
+    auto b = PagedBundle::Open(path, Config(20 << 20));
+    if (!b.ok()) return 3;
+    const auto* p = static_cast<const std::byte*>((*b)->model().tensor("big")->data());
+    // Read up to the bad frame (the stream loads the unit around it), then
+    // the rest of that unit and beyond: all right.
+    for (uint64_t off = 0; off < big.data.size(); off += 4096) {
+      if (off / 65536 == 37) continue;
+      if (memcmp(p + off, big.data.data() + off, 4096) != 0) return 4;
+    }
+    if ((*b)->stats().errors != 1) return 5;
+    (void)*static_cast<const volatile std::byte*>(p + 37 * 65536 + 100);  // SIGBUS
+    return 0;
+  });
+  CHECK(WIFSIGNALED(status));
+  if (WIFEXITED(status)) CHECK(WEXITSTATUS(status) == 0);  // shows which check failed
+  CHECK(WTERMSIG(status) == SIGBUS);
+  // Pinning the tensor reports the frame; the other tensors are right.
+  auto b = PagedBundle::Open(path, Config(40 << 20));
+  REQUIRE(b.ok());
+  Status pin = (*b)->Pin(*(*b)->model().tensor("big"));
+  CHECK(pin.code() == EIO);
+  CHECK(std::string(pin.message()).find("frame 37 cannot be read") != std::string::npos);
+  for (size_t i = 1; i < specs.size(); i++) CHECK(ReadSequentially(*(*b)->model().tensor(specs[i].name), specs[i]));
+}
+
+TEST_CASE("pins, hints and dont_need work on whole huge units") {
+  TempDir dir;
+  std::string path = dir / "l.apbundle";
+  auto specs = MakeLarge(path);
+  auto b = PagedBundle::Open(path, Config(40 << 20));
+  REQUIRE(b.ok());
+  auto big = *(*b)->model().tensor("big");
+  // Pin: every frame loaded, none touched, counted in the budget.
+  REQUIRE((*b)->Pin(big).ok());
+  PagingStats st = (*b)->stats();
+  CHECK(st.resident_bytes == big.size());
+  if (HugeUnitsExpected()) CHECK(st.huge_installs == 8);
+  for (const auto& s : specs) CHECK(ReadSequentially(*(*b)->model().tensor(s.name), s));
+  CHECK((*b)->stats().resident_bytes >= big.size());
+  (*b)->Unpin(big);
+  // dont_need drops them all, whole huge pages included.
+  (*b)->DontNeed(big);
+  for (int i = 0; i < 100 && MappingField(big.data(), "AnonHugePages") >= (16u << 20); i++) usleep(1000);
+  CHECK((*b)->stats().resident_bytes <= (40u << 20) - big.size() + (2u << 20));
+  // A hint for one frame brings one frame; a hint for the tensor brings its
+  // units (a fresh mapping: nothing else in flight).
+  b = PagedBundle::Open(path, Config(40 << 20));
+  REQUIRE(b.ok());
+  big = *(*b)->model().tensor("big");
+  auto raw = *(*b)->model().tensor("raw");
+  // (Loads are counted just before they are installed: wait for residency.)
+  (*b)->Prefetch(raw, 65536, 100);
+  for (int i = 0; i < 5000 && (*b)->stats().resident_bytes == 0; i++) usleep(1000);
+  usleep(20000);
+  CHECK((*b)->stats().prefetched == 1);
+  CHECK((*b)->stats().resident_bytes == 65536);
+  (*b)->Prefetch(big);
+  for (int i = 0; i < 5000 && (*b)->stats().resident_bytes < 65536 + big.size(); i++) usleep(1000);
+  CHECK((*b)->stats().prefetched == 1 + big.info().frame_count);
+  if (HugeUnitsExpected()) CHECK((*b)->stats().huge_installs == 8);
+  uint64_t faults = (*b)->stats().faults;
+  CHECK(ReadSequentially(big, specs[0]));
+  CHECK((*b)->stats().faults == faults);  // all there before the touch
+  // A forked child reads them through the same pointers.
+  int status = RunInChild([&]() -> int {
+    for (const auto& s : specs)
+      if (!ReadSequentially(*(*b)->model().tensor(s.name), s)) return 2;
+    return 0;
+  });
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+
 TEST_CASE("dont_need drops a tensor's frames and they come back on touch") {
   TempDir dir;
   std::string path = dir / "m.apbundle";
@@ -248,6 +452,7 @@ TEST_CASE("dont_need drops a tensor's frames and they come back on touch") {
   auto b = PagedBundle::Open(path, Config(64 << 20));
   REQUIRE(b.ok());
   CheckAll(**b, specs);
+  Settle(**b);  // readahead past the last read may still be landing
   uint64_t before = (*b)->stats().resident_bytes;
   auto t = (*b)->model().tensor("layers.1.w");
   (*b)->DontNeed(*t);
