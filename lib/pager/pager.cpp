@@ -423,6 +423,10 @@ void Engine::WorkerLoop(Worker* w) {
     }
     RunLoads(w, w->loads);
   }
+  // Pass the stop on: reading the eventfd takes every wake-up at once, so a
+  // worker that read the one the destructor wrote would leave the others
+  // asleep in poll.
+  Wake();
 }
 
 int64_t Engine::FrameAt(const void* addr) const noexcept {

@@ -617,6 +617,21 @@ TEST_CASE("closing a bundle leaves no threads, descriptors or mappings behind") 
   CHECK_FALSE(Mapped(nullptr, "faultline-guard"));
 }
 
+TEST_CASE("closing a bundle right after hints never hangs") {
+  // Workers busy with prefetch when the bundle closes: every one of them
+  // must see the stop (a worker that read the only wake-up once left the
+  // others asleep).
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  auto specs = MakeModel(path);
+  for (int round = 0; round < 300; round++) {
+    auto b = PagedBundle::Open(path, Config(1 << 20, EvictionPolicy::kLru, 1 + round % 4));
+    REQUIRE(b.ok());
+    for (const auto& s : specs) (*b)->Prefetch(*(*b)->model().tensor(s.name));
+    if (round % 3 == 0) (void)*static_cast<const volatile std::byte*>((*b)->model().tensor("layers.1.w")->data());
+  }
+}
+
 TEST_CASE("running out of file descriptors fails the open with a clear error") {
   TempDir dir;
   std::string path = dir / "m.apbundle";
