@@ -65,10 +65,12 @@ class Bundle:
     """An open bundle, its tensors mapped for demand paging (see ``open``)."""
 
     def __init__(self, path: str, budget: Optional[Size] = None, policy: Optional[str] = None,
-                 mode: Optional[str] = None, prefetch: Optional[int] = None, workers: Optional[int] = None):
+                 mode: Optional[str] = None, prefetch: Optional[int] = None, workers: Optional[int] = None,
+                 huge_pages: Optional[bool] = None):
         self.path = str(path)
         self._b = _native.Bundle(self.path, budget, policy or "", mode or "",
-                                 -1 if prefetch is None else int(prefetch), -1 if workers is None else int(workers))
+                                 -1 if prefetch is None else int(prefetch), -1 if workers is None else int(workers),
+                                 -1 if huge_pages is None else int(bool(huge_pages)))
         self._manifest = json.loads(self._b.manifest())
         self._models = {m["name"]: m for m in self._manifest["models"]}
 
@@ -82,6 +84,11 @@ class Bundle:
     def mode(self) -> str:
         """The paging mode in use ('uffd', 'guard' or 'mmap')."""
         return self._b.mode()
+
+    @property
+    def huge_units(self) -> bool:
+        """Whether sequentially read tensors are installed in whole huge pages."""
+        return self._b.huge_units()
 
     def _model(self, model: Optional[str]) -> Dict[str, Any]:
         if model is None:
@@ -230,12 +237,14 @@ class Bundle:
 
 
 def open(path: str, budget: Optional[Size] = None, policy: Optional[str] = None, mode: Optional[str] = None,
-         prefetch: Optional[int] = None, workers: Optional[int] = None) -> Bundle:
+         prefetch: Optional[int] = None, workers: Optional[int] = None,
+         huge_pages: Optional[bool] = None) -> Bundle:
     """Opens a bundle for demand paging.
 
     budget: resident bytes (int or '512M', '2G'; default FAULTLINE_BUDGET or 100 MB);
     policy: 'lru', 'lfu' or 'plan'; mode: 'auto', 'uffd', 'guard' or 'mmap';
-    prefetch: frames of readahead; workers: fault-service threads.
+    prefetch: frames of readahead; workers: fault-service threads;
+    huge_pages: load sequentially read tensors in whole huge pages (default on).
     The FAULTLINE_* environment fills in what is not given.
     """
-    return Bundle(path, budget, policy, mode, prefetch, workers)
+    return Bundle(path, budget, policy, mode, prefetch, workers, huge_pages)

@@ -68,7 +68,7 @@ struct RegionBuffer {
 class Bundle {
  public:
   Bundle(const std::string& path, const py::object& budget, const std::string& policy, const std::string& mode,
-         int prefetch, int workers) {
+         int prefetch, int workers, int huge_pages) {
     PagingConfig c = PagingConfig::FromEnvironment();
     if (!budget.is_none()) c.max_resident = SizeArg(budget, "budget");
     if (!policy.empty()) {
@@ -86,6 +86,7 @@ class Bundle {
     }
     if (prefetch >= 0) c.prefetch_depth = static_cast<unsigned>(prefetch);
     if (workers >= 0) c.workers = static_cast<unsigned>(workers);
+    if (huge_pages >= 0) c.huge_pages = huge_pages != 0;
     std::unique_ptr<PagedBundle> b;
     {
       py::gil_scoped_release nogil;
@@ -107,6 +108,7 @@ class Bundle {
 
   std::string manifest() const { return internal::ManifestToJson(get().info()); }
   std::string mode() const { return PagingModeName(get().mode()); }
+  bool huge_units() const { return get().huge_units(); }
 
   TensorView view(const std::string& model, const std::string& name) const {
     auto m = model.empty() ? Result<ModelView>(get().model()) : get().model(model);
@@ -353,11 +355,12 @@ PYBIND11_MODULE(_native, m) {
       .def("__len__", [](const RegionBuffer& b) { return b.size; });
 
   py::class_<Bundle>(m, "Bundle")
-      .def(py::init<const std::string&, const py::object&, const std::string&, const std::string&, int, int>(),
+      .def(py::init<const std::string&, const py::object&, const std::string&, const std::string&, int, int, int>(),
            py::arg("path"), py::arg("budget") = py::none(), py::arg("policy") = "", py::arg("mode") = "",
-           py::arg("prefetch") = -1, py::arg("workers") = -1)
+           py::arg("prefetch") = -1, py::arg("workers") = -1, py::arg("huge_pages") = -1)
       .def("manifest", &Bundle::manifest)
       .def("mode", &Bundle::mode)
+      .def("huge_units", &Bundle::huge_units)
       .def("buffer", &Bundle::buffer)
       .def("blob", &Bundle::blob)
       .def("prefetch", &Bundle::prefetch)

@@ -119,6 +119,25 @@ def test_forward_over_paged_weights_a_quarter_of_the_model(saved):
         assert torch.equal(copy(x), want)
 
 
+def test_wide_layers_stream_in_huge_pages(tmp_path):
+    model = mlp(width=1024, layers=6)  # 4 MiB weights: two whole huge pages each
+    path = str(tmp_path / "wide.apbundle")
+    ft.save(model, path)
+    want = {k: v.numpy() for k, v in model.state_dict().items()}
+    for huge in (True, False):
+        b = faultline.open(path, budget="20M", huge_pages=huge)
+        arrays = b.numpy()
+        for _ in range(2):
+            for k, a in arrays.items():
+                assert np.array_equal(a, want[k]), k
+        st = b.stats()
+        assert st["errors"] == 0 and st["evictions"] > 0
+        if not huge:
+            assert not b.huge_units and st["huge_installs"] == 0
+        elif b.huge_units:  # userfaultfd mode with THP and UFFDIO_MOVE
+            assert st["huge_installs"] > 0
+
+
 def test_plan_recorded_from_forward_hooks_drives_prefetch(saved):
     model, path = saved
     size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
