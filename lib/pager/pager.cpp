@@ -44,6 +44,68 @@ void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, long timeout_ns) 
 
 }  // namespace
 
+std::byte* MapAligned(uint64_t len, uint64_t align, void** map, uint64_t* map_len) noexcept {
+  void* m = mmap(nullptr, len + align, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  *map = m;
+  *map_len = len + align;
+  auto* p = reinterpret_cast<std::byte*>(AlignUp(reinterpret_cast<uintptr_t>(m), align));
+  madvise(p, len, MADV_DONTFORK);
+  return p;
+}
+
+MovePool::~MovePool() {
+  if (map_) munmap(map_, map_len_);
+}
+
+bool MovePool::Set(Uffd& uffd, uint64_t slots, uint64_t size, bool huge) {
+  std::byte* p = MapAligned(slots * size, size, &map_, &map_len_);
+  if (!p) return false;
+  if (huge) madvise(p, slots * size, MADV_HUGEPAGE);
+  if (!uffd.RegisterMissing(p, slots * size).ok()) {
+    munmap(map_, map_len_);
+    map_ = nullptr;
+    return false;
+  }
+  base_ = p;
+  size_ = size;
+  slots_ = slots;
+  full_.reserve(slots);
+  holes_.reserve(slots);
+  for (uint64_t s = 0; s < slots; s++) holes_.push_back(static_cast<int32_t>(s));
+  return true;
+}
+
+int32_t MovePool::Take() noexcept {
+  if (full_.empty()) return -1;
+  int32_t s = full_.back();
+  full_.pop_back();
+  return s;
+}
+
+void MovePool::Return(int32_t s, uint64_t moved) noexcept {
+  if (moved == 0) {
+    full_.push_back(s);
+    return;
+  }
+  if (moved < size_) madvise(At(s), size_, MADV_DONTNEED);
+  holes_.push_back(s);
+}
+
+uint64_t MovePool::Stash(Uffd& uffd, std::byte* src, uint64_t len) noexcept {
+  if (holes_.empty()) return 0;
+  const int32_t s = holes_.back();
+  uint64_t moved = 0;
+  uffd.Move(At(s), src, len, false, &moved);
+  if (moved == len) {
+    holes_.pop_back();
+    full_.push_back(s);
+  } else if (moved) {
+    madvise(At(s), size_, MADV_DONTNEED);  // a part: drop it, keep the hole
+  }
+  return moved;
+}
+
 struct Engine::Worker {
   ~Worker() {
     if (unit_map) munmap(unit_map, unit_map_len);
@@ -59,12 +121,11 @@ struct Engine::Worker {
   // aligned range advised MADV_HUGEPAGE, not registered with userfaultfd:
   // the kernel fills it with a fresh huge page after each move).
   void* unit_map = nullptr;
-  size_t unit_map_len = 0;
+  uint64_t unit_map_len = 0;
   std::byte* unit_slot = nullptr;
   uint64_t unit_first = 0;         // global id of the unit's frame 0
   uint64_t unit_claimed = 0;       // frames of it this batch loads (0: no unit)
-  std::byte* unit_src = nullptr;   // where it is decoded: unit_slot or a recycle slot
-  int32_t unit_recycled = -1;      // that recycle slot, or -1
+  int32_t unit_recycled = -1;      // the recycle slot it is decoded into, or -1: unit_slot
 };
 
 Engine::Engine(std::unique_ptr<BundleReader> reader, const PagingConfig& config)
@@ -188,16 +249,9 @@ Status Engine::Start() {
     w->loads.reserve(kBatch + unit_frames);
     w->ops.reserve(kBatch + unit_frames);
     if (units) {
-      void* m = mmap(nullptr, 2 * huge_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-      if (m == MAP_FAILED) {
-        units = false;
-      } else {
-        w->unit_map = m;
-        w->unit_map_len = 2 * huge_;
-        w->unit_slot = reinterpret_cast<std::byte*>(AlignUp(reinterpret_cast<uintptr_t>(m), huge_));
-        madvise(w->unit_slot, huge_, MADV_HUGEPAGE);
-        madvise(w->unit_slot, huge_, MADV_DONTFORK);
-      }
+      w->unit_slot = MapAligned(huge_, huge_, &w->unit_map, &w->unit_map_len);
+      if (w->unit_slot) madvise(w->unit_slot, huge_, MADV_HUGEPAGE);
+      else units = false;
     }
     workers_.push_back(std::move(w));
   }
@@ -236,20 +290,7 @@ Status Engine::SetUpUffd() {
   // evicted pages back. Only for bundles with one page size.
   if (uffd_->features().move && uniform_pages_) {
     unsigned workers = config_.workers ? config_.workers : ThreadPool::DefaultThreads();
-    pool_slots_ = 2ull * kBatch * std::min(workers, 64u) + 8;
-    void* p = mmap(nullptr, pool_slots_ * max_page_, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p != MAP_FAILED) {
-      pool_ = static_cast<std::byte*>(p);
-      madvise(pool_, pool_slots_ * max_page_, MADV_DONTFORK);
-      if (uffd_->RegisterMissing(pool_, pool_slots_ * max_page_).ok()) {
-        use_move_ = true;
-        for (uint64_t s = 0; s < pool_slots_; s++) holes_.push_back(static_cast<int32_t>(s));
-      } else {
-        munmap(pool_, pool_slots_ * max_page_);
-        pool_ = nullptr;
-      }
-    }
+    (void)pool_.Set(*uffd_, 2ull * kBatch * std::min(workers, 64u) + 8, max_page_, false);
   }
   return Status::Ok();
 }
@@ -262,24 +303,7 @@ void Engine::SetUpRecycle(unsigned workers) {
   if (fd < 0) return;
   pagemap_.reset(fd);
   if (HugeMapped(fd, view_, kMinPageSize) < 0) return;
-  const uint64_t slots = workers + 1ull;
-  void* m = mmap(nullptr, (slots + 1) * huge_, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (m == MAP_FAILED) return;
-  auto* base = reinterpret_cast<std::byte*>(AlignUp(reinterpret_cast<uintptr_t>(m), huge_));
-  madvise(base, slots * huge_, MADV_HUGEPAGE);
-  madvise(base, slots * huge_, MADV_DONTFORK);
-  if (!uffd_->RegisterMissing(base, slots * huge_).ok()) {
-    munmap(m, (slots + 1) * huge_);
-    return;
-  }
-  recycle_map_ = m;
-  recycle_map_len_ = (slots + 1) * huge_;
-  recycle_ = base;
-  recycle_slots_ = slots;
-  recycle_full_.reserve(slots);
-  recycle_holes_.reserve(slots);
-  for (uint64_t k = 0; k < slots; k++) recycle_holes_.push_back(static_cast<int32_t>(k));
+  (void)recycle_.Set(*uffd_, workers + 1ull, huge_, true);
 }
 
 Status Engine::SetUpGuard() {
@@ -347,13 +371,9 @@ Engine::~Engine() {
     }
   if (uffd_ && view_) {
     (void)uffd_->Unregister(view_, reserve_len_);
-    if (pool_) (void)uffd_->Unregister(pool_, pool_slots_ * max_page_);
-    if (recycle_) (void)uffd_->Unregister(recycle_, recycle_slots_ * huge_);
   }
   if (reserve_) munmap(reserve_, reserve_map_len_);
   if (work_) munmap(work_, reserve_len_);
-  if (pool_) munmap(pool_, pool_slots_ * max_page_);
-  if (recycle_map_) munmap(recycle_map_, recycle_map_len_);
 }
 
 void Engine::Wake() {
@@ -509,10 +529,9 @@ void Engine::Claim(Worker* w, uint64_t f, std::vector<Load>& loads) {
 void Engine::ClaimReservedLocked(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads) {
   Load l{f, prefetch, -1, nullptr, prefetch ? 0 : NowNs()};
   if (mode_ == PagingMode::kUffd) {
-    if (use_move_ && !populated_.empty()) {
-      l.slot = populated_.back();
-      populated_.pop_back();
-      l.staging = pool_ + static_cast<uint64_t>(l.slot) * max_page_;
+    l.slot = pool_.Take();
+    if (l.slot >= 0) {
+      l.staging = pool_.At(l.slot);
     } else {
       l.staging = w->staging.data() + w->singles++ * static_cast<size_t>(max_page_);
     }
@@ -541,19 +560,14 @@ bool Engine::ClaimUnitLocked(Worker* w, uint64_t f, bool owned, bool optional, s
     if (frames_[g].state.load(std::memory_order_relaxed) == kAbsent) want++;
   if (want < 2 || !ReserveLocked(f, want * t.page, optional)) return false;
   // Decode into a recycled huge page where there is one.
-  w->unit_recycled = -1;
-  w->unit_src = w->unit_slot;
-  if (!recycle_full_.empty()) {
-    w->unit_recycled = recycle_full_.back();
-    recycle_full_.pop_back();
-    w->unit_src = recycle_ + static_cast<uint64_t>(w->unit_recycled) * huge_;
-  }
+  w->unit_recycled = recycle_.Take();
+  std::byte* src = UnitSource(w);
   uint64_t claimed = 0;
   for (uint64_t g = first; g < end; g++) {
     const bool mine = owned && g == f;
     uint32_t expected = kAbsent;
     if (!mine && !frames_[g].state.compare_exchange_strong(expected, kLoading)) continue;
-    Load l{g, !mine, -1, w->unit_src + (g - first) * t.page, mine ? NowNs() : 0};
+    Load l{g, !mine, -1, src + (g - first) * t.page, mine ? NowNs() : 0};
     l.unit = true;
     frames_[g].prefetch = !mine;
     loads.push_back(l);
@@ -564,7 +578,7 @@ bool Engine::ClaimUnitLocked(Worker* w, uint64_t f, bool owned, bool optional, s
   inflight_bytes_ += claimed * t.page;
   inflight_bytes_ -= want * t.page;
   if (claimed == 0) {
-    if (w->unit_recycled >= 0) recycle_full_.push_back(w->unit_recycled);
+    if (w->unit_recycled >= 0) recycle_.Return(w->unit_recycled, 0);
     return false;
   }
   w->unit_first = first;
@@ -700,16 +714,7 @@ void Engine::ReleaseLocked(std::vector<uint64_t>& victims) {
     std::byte* addr = FrameAddr(f);
     uint64_t len = (j - i) * static_cast<uint64_t>(FramePage(f));
     if (mode_ == PagingMode::kUffd) {
-      bool moved = false;
-      if (j - i == 1 && use_move_ && !holes_.empty() && populated_.size() < pool_slots_ / 2) {
-        int32_t slot = holes_.back();
-        if (uffd_->Move(pool_ + static_cast<uint64_t>(slot) * max_page_, addr, len, false) == 0) {
-          holes_.pop_back();
-          populated_.push_back(slot);
-          moved = true;
-        }
-      }
-      if (!moved) ReleaseRunLocked(victims.data() + i, j - i);
+      ReleaseRunLocked(victims.data() + i, j - i);
     } else {
       mprotect(addr, len, PROT_NONE);
       fallocate(memfd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
@@ -726,11 +731,16 @@ void Engine::ReleaseLocked(std::vector<uint64_t>& victims) {
   }
 }
 
-// Drops a run of adjacent victims (uffd mode): the huge units in it that
-// one huge entry maps move back into recycle holes while there are some,
-// the rest goes by MADV_DONTNEED, one call per stretch.
+// Drops a run of adjacent victims (uffd mode). Pages go back into a pool
+// where one takes them: a lone frame into the frame pool while it is less
+// than half full (each move of small pages costs a TLB flush per page, so
+// only one frame's worth), a huge unit that one huge entry maps into the
+// recycle pool. The rest goes by MADV_DONTNEED, one call per stretch.
 void Engine::ReleaseRunLocked(const uint64_t* run, size_t n) {
   const uint64_t page = FramePage(run[0]);
+  if (n == 1 && pool_.on() && pool_.full() < pool_.slots() / 2 &&
+      pool_.Stash(*uffd_, FrameAddr(run[0]), page) == page)
+    return;
   size_t drop = 0;  // start of the stretch not yet released
   auto flush = [&](size_t end) {
     if (end > drop) madvise(FrameAddr(run[drop]), (end - drop) * page, MADV_DONTNEED);
@@ -738,24 +748,17 @@ void Engine::ReleaseRunLocked(const uint64_t* run, size_t n) {
   for (size_t k = 0; k < n;) {
     const Frame& fr = frames_[run[k]];
     const uint32_t uf = tensors_[fr.tensor].unit_frames;
-    if (!fr.pmd || fr.index % uf != 0 || k + uf > n || recycle_holes_.empty()) {
+    if (!fr.pmd || fr.index % uf != 0 || k + uf > n || !recycle_.has_hole()) {
       k++;
       continue;
     }
     flush(k);
-    const int32_t slot = recycle_holes_.back();
-    std::byte* dst = recycle_ + static_cast<uint64_t>(slot) * huge_;
-    uint64_t moved = 0;
-    uffd_->Move(dst, FrameAddr(run[k]), huge_, false, &moved);
-    if (moved == huge_) {
+    if (recycle_.Stash(*uffd_, FrameAddr(run[k]), huge_) == huge_) {
       counters_.huge_recycled.fetch_add(1, std::memory_order_relaxed);
-      recycle_holes_.pop_back();
-      recycle_full_.push_back(slot);
-      drop = k += uf;
-      continue;
+      drop = k + uf;
+    } else {
+      drop = k;  // the unit (what is left of it) goes with the stretch
     }
-    if (moved) madvise(dst, huge_, MADV_DONTNEED);  // a part: give it back, keep the hole
-    drop = k;  // the unit (what is left of it) goes with the stretch
     k += uf;
   }
   flush(n);
@@ -880,7 +883,6 @@ void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
     w->ops.push_back(ReadOp{bundle_.fd.get(), rec.offset, rec.stored_length, buf});
   }
   Status rs = ReadBatch(w->ops, "bundle frames");
-  bool unit_whole = w->unit_claimed != 0;
   for (size_t k = 0; k < loads.size(); k++) {
     Load& l = loads[k];
     const Frame& fr = frames_[l.frame];
@@ -898,25 +900,18 @@ void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
                                           t.info->name.c_str(), fr.index));
       if (l.slot >= 0) {
         std::lock_guard<std::mutex> lock(mu_);
-        populated_.push_back(l.slot);
+        pool_.Return(l.slot, 0);
       }
-      if (l.unit) {
-        l.unit = false;  // out of the unit's install
-        unit_whole = false;
-      }
+      l.unit = false;  // out of its unit's install, if it had one
       continue;
     }
     if (l.unit) continue;  // installed with its unit below
     CountLoad(l);
     std::byte* dst = FrameAddr(l.frame);
-    bool slot_emptied = false;
+    uint64_t moved = 0;
     if (mode_ == PagingMode::kUffd) {
-      int rc = -EAGAIN;
-      if (l.slot >= 0) {
-        rc = uffd_->Move(dst, l.staging, t.page);
-        slot_emptied = rc == 0;
-      }
-      if (rc != 0) rc = CopyIn(dst, l.staging, t.page);
+      if (l.slot >= 0) uffd_->Move(dst, l.staging, t.page, true, &moved);
+      int rc = CopyRest(dst, l.staging, t.page, moved);
       if (rc != 0) {
         InstallFailed(l.frame, Status::Error(-rc, "installing tensor '%.64s' frame %u", t.info->name.c_str(), fr.index));
         continue;
@@ -927,13 +922,13 @@ void Engine::RunLoads(Worker* w, std::vector<Load>& loads) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       inflight_bytes_ -= t.page;
-      if (l.slot >= 0) (slot_emptied ? holes_ : populated_).push_back(l.slot);
+      if (l.slot >= 0) pool_.Return(l.slot, moved);
       MarkResidentLocked(l.frame);
     }
     loaded_cv_.notify_all();
     if (mode_ == PagingMode::kGuard) FutexWakeAll(&frames_[l.frame].state);
   }
-  if (w->unit_claimed) InstallUnit(w, loads, unit_whole && w->unit_claimed == tensors_[frames_[w->unit_first].tensor].unit_frames);
+  if (w->unit_claimed) InstallUnit(w, loads);
 }
 
 // Counted before the install wakes the faulting threads, so that a thread
@@ -954,11 +949,12 @@ void Engine::CountLoad(const Load& l) {
   }
 }
 
-// UFFDIO_COPY, retried while the kernel asks; 0 or -errno.
-int Engine::CopyIn(std::byte* dst, const std::byte* src, uint64_t len) {
-  int rc = -EAGAIN;
+// Installs what a move left of [dst, dst + len) (`done` bytes of it moved)
+// by UFFDIO_COPY from `src`, retried while the kernel asks; 0 or -errno.
+int Engine::CopyRest(std::byte* dst, const std::byte* src, uint64_t len, uint64_t done) {
+  int rc = done >= len ? 0 : -EAGAIN;
   for (int attempt = 0; rc != 0 && attempt < 100; attempt++) {
-    rc = uffd_->Copy(dst, src, len);
+    rc = uffd_->Copy(dst + done, src + done, len - done);
     if (rc == -EEXIST) rc = 0;  // already present: nothing to install
     if (rc == -EAGAIN) sched_yield();
     else if (rc != 0) break;
@@ -966,42 +962,39 @@ int Engine::CopyIn(std::byte* dst, const std::byte* src, uint64_t len) {
   return rc;
 }
 
+// Where the worker's unit is decoded: a recycled huge page, or its own slot.
+std::byte* Engine::UnitSource(const Worker* w) const {
+  return w->unit_recycled >= 0 ? recycle_.At(w->unit_recycled) : w->unit_slot;
+}
+
 // Installs the decoded frames of the worker's huge unit (those still marked
-// `unit` in `loads`): a `whole` unit (every frame claimed and decoded) by one
+// `unit` in `loads`): a whole unit (every frame claimed and decoded) by one
 // UFFDIO_MOVE of the huge page, the rest of it (a move that failed part way,
 // or a partial unit) by UFFDIO_COPY from the slot.
-void Engine::InstallUnit(Worker* w, std::vector<Load>& loads, bool whole) {
+void Engine::InstallUnit(Worker* w, std::vector<Load>& loads) {
   const TensorSlot& t = tensors_[frames_[w->unit_first].tensor];
   std::byte* base = FrameAddr(w->unit_first);
+  uint64_t decoded = 0;
   for (const Load& l : loads)
-    if (l.unit) CountLoad(l);
+    if (l.unit) {
+      CountLoad(l);
+      decoded++;
+    }
+  const bool whole = decoded == t.unit_frames;
   uint64_t moved = 0;
   bool pmd = false;
   if (whole) {
-    int rc = uffd_->Move(base, w->unit_src, huge_, true, &moved);
-    if (rc == -EAGAIN && moved == 0) rc = uffd_->Move(base, w->unit_src, huge_, true, &moved);
+    int rc = uffd_->Move(base, UnitSource(w), huge_, true, &moved);
+    if (rc == -EAGAIN && moved == 0) rc = uffd_->Move(base, UnitSource(w), huge_, true, &moved);
     if (rc == 0) counters_.huge_installs.fetch_add(1, std::memory_order_relaxed);
     // A mapping that cannot take moves at all (mlocked, say): stop trying.
     if (rc == -EINVAL && moved == 0) units_.store(false, std::memory_order_relaxed);
-    pmd = rc == 0 && recycle_ && HugeMapped(pagemap_.get(), base, huge_) == 1;
-  }
-  // A recycle slot moved out whole is a hole; one not moved at all still
-  // holds its huge page; one moved in part is emptied.
-  int32_t hole = -1, full = -1;
-  if (w->unit_recycled >= 0) {
-    if (moved == 0) {
-      full = w->unit_recycled;
-    } else {
-      if (moved < huge_) madvise(w->unit_src, huge_, MADV_DONTNEED);
-      hole = w->unit_recycled;
-    }
+    pmd = rc == 0 && recycle_.on() && HugeMapped(pagemap_.get(), base, huge_) == 1;
   }
   for (Load& l : loads) {
     if (!l.unit) continue;
     const uint64_t off = static_cast<uint64_t>(FrameAddr(l.frame) - base);
-    if (off + t.page <= moved) continue;
-    const uint64_t from = moved > off ? moved - off : 0;
-    int rc = CopyIn(base + off + from, l.staging + from, t.page - from);
+    int rc = CopyRest(base + off, l.staging, t.page, moved > off ? moved - off : 0);
     if (rc != 0) {
       l.unit = false;
       InstallFailed(l.frame, Status::Error(-rc, "installing tensor '%.64s' frame %u", t.info->name.c_str(),
@@ -1017,8 +1010,8 @@ void Engine::InstallUnit(Worker* w, std::vector<Load>& loads, bool whole) {
       frames_[l.frame].pmd = pmd;
       MarkResidentLocked(l.frame);
     }
-    if (hole >= 0) recycle_holes_.push_back(hole);
-    if (full >= 0) recycle_full_.push_back(full);
+    // After the copies above, which may still read the slot.
+    if (w->unit_recycled >= 0) recycle_.Return(w->unit_recycled, moved);
   }
   loaded_cv_.notify_all();
 }

@@ -54,7 +54,6 @@ struct Frame {
   uint32_t pins = 0;
   int64_t resident_pos = -1;  // position in Engine::resident_
   int64_t lru_prev = -1, lru_next = -1;  // Engine's LRU list of resident frames
-  int32_t slot = -1;          // pool slot that will take its pages back (MOVE path)
   bool prefetch = false;      // being loaded by prefetch
   bool huge = false;          // resident as part of a whole huge unit: evicted with it
   bool pmd = false;           // and that unit is mapped by one huge page-table entry
@@ -101,6 +100,49 @@ class FrameQueue {
  private:
   std::vector<uint64_t> ring_;
   size_t head_ = 0, count_ = 0;
+};
+
+// Anonymous memory of `len` bytes (MAP_NORESERVE, MADV_DONTFORK) starting at
+// a multiple of `align`: *map and *map_len are what to munmap. nullptr when
+// it cannot be had.
+std::byte* MapAligned(uint64_t len, uint64_t align, void** map, uint64_t* map_len) noexcept;
+
+// Slots that physical pages cycle through with UFFDIO_MOVE: a load decodes
+// into a full slot and moves its pages into a region; an eviction moves
+// pages back into a hole, so no page is freed, allocated or zeroed on the
+// way. The slots are registered with the engine's userfaultfd (a move's
+// destination must be) and never touched while holes. Lists guarded by
+// Engine::mu_.
+class MovePool {
+ public:
+  MovePool() = default;
+  MovePool(const MovePool&) = delete;
+  MovePool& operator=(const MovePool&) = delete;
+  ~MovePool();
+  // Maps and registers `slots` slots of `size` bytes, each aligned to its
+  // size (advised MADV_HUGEPAGE when `huge`); false, keeping nothing, where
+  // that fails.
+  bool Set(Uffd& uffd, uint64_t slots, uint64_t size, bool huge);
+  bool on() const noexcept { return base_ != nullptr; }
+  uint64_t slots() const noexcept { return slots_; }
+  size_t full() const noexcept { return full_.size(); }
+  bool has_hole() const noexcept { return !holes_.empty(); }
+  std::byte* At(int32_t s) const noexcept { return base_ + static_cast<uint64_t>(s) * size_; }
+  // A slot holding pages, or -1.
+  int32_t Take() noexcept;
+  // A slot back after `moved` bytes moved out of it: still full when none
+  // did, a hole when any did (a part left behind is dropped).
+  void Return(int32_t s, uint64_t moved) noexcept;
+  // Moves `len` (at most a slot) bytes at `src` into a hole; the bytes moved
+  // (a part is dropped from the slot, which stays a hole; the caller drops
+  // what is left at `src`).
+  uint64_t Stash(Uffd& uffd, std::byte* src, uint64_t len) noexcept;
+
+ private:
+  std::byte* base_ = nullptr;
+  void* map_ = nullptr;
+  uint64_t map_len_ = 0, size_ = 0, slots_ = 0;
+  std::vector<int32_t> full_, holes_;
 };
 
 class Engine {
@@ -167,9 +209,10 @@ class Engine {
   void ClaimReservedLocked(Worker* w, uint64_t f, bool prefetch, std::vector<Load>& loads);
   bool ClaimUnitLocked(Worker* w, uint64_t f, bool owned, bool optional, std::vector<Load>& loads);
   void RunLoads(Worker* w, std::vector<Load>& loads);
-  void InstallUnit(Worker* w, std::vector<Load>& loads, bool whole);
+  void InstallUnit(Worker* w, std::vector<Load>& loads);
+  std::byte* UnitSource(const Worker* w) const;
   void CountLoad(const Load& l);
-  int CopyIn(std::byte* dst, const std::byte* src, uint64_t len);
+  int CopyRest(std::byte* dst, const std::byte* src, uint64_t len, uint64_t done);
   bool ReserveLocked(uint64_t f, uint64_t bytes, bool optional);
   int64_t PickVictimLocked(uint64_t for_frame, bool prefetch);
   void EvictLocked(uint64_t f);
@@ -217,24 +260,14 @@ class Engine {
   uint64_t reserve_len_ = 0;
   uint64_t huge_ = 0;             // transparent huge page size, 0 where THP is off
   std::atomic<bool> units_{false};  // huge units in use
-  // Recycle pool (huge units): huge-page slots registered with the
-  // userfaultfd (a move's destination must be) that evicted units move
-  // into and unit loads decode into. Lists guarded by mu_.
-  std::byte* recycle_ = nullptr;
-  void* recycle_map_ = nullptr;
-  uint64_t recycle_map_len_ = 0, recycle_slots_ = 0;
-  std::vector<int32_t> recycle_full_, recycle_holes_;
-  UniqueFd pagemap_;
+  UniqueFd pagemap_;              // asked whether a unit is mapped by one huge entry
   std::byte* work_ = nullptr;     // guard mode alias
   UniqueFd memfd_;
   std::optional<Uffd> uffd_;
-  bool use_move_ = false;
 
-  // Staging pool (uffd MOVE path): slots cycle between the pool and the
-  // regions. populated_ hold pages, holes_ do not, fresh ones were never used.
-  std::byte* pool_ = nullptr;
-  uint64_t pool_slots_ = 0;
-  std::vector<int32_t> populated_, holes_;
+  // uffd mode with UFFDIO_MOVE: frame-sized slots (bundles with one page
+  // size), and huge-page slots for huge units (the recycle pool).
+  MovePool pool_, recycle_;
 
   // Policy state, guarded by mu_.
   mutable std::mutex mu_;
