@@ -26,6 +26,7 @@ namespace faultline::internal {
 namespace {
 
 constexpr unsigned kBatch = 8;          // frames one worker loads at once
+constexpr uint64_t kFileFolioAlign = 2ull << 20;  // mmap mode: the largest page-cache folio mapped whole
 
 uint64_t NowNs() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -162,6 +163,16 @@ Status Engine::Start() {
       uint64_t align = s.units ? huge_ : t.page_size;
       view_align = std::max(view_align, align);
       s.offset = AlignUp(cur, align);
+      if (config_.mode == PagingMode::kMmap && t.size >= kFileFolioAlign && t.codec == Codec::kRaw) {
+        // The page cache keeps a file's large folios at file offsets aligned
+        // to their size; a mapping whose addresses match the file offsets
+        // modulo 2 MiB lets the kernel map a 2 MiB folio with one entry on
+        // one fault (fault-around maps 64 KiB per fault otherwise).
+        uint64_t want = bundle_.frames[t.first_frame].offset % kFileFolioAlign;
+        s.offset = AlignUp(cur, kFileFolioAlign) + want;
+        if (s.offset >= cur + kFileFolioAlign) s.offset -= kFileFolioAlign;
+        view_align = std::max(view_align, kFileFolioAlign);
+      }
       s.frames = t.frame_count;
       s.first_frame = frame_count_;
       frame_count_ += t.frame_count;
