@@ -10,6 +10,9 @@
   managed memory with a resident budget and compressed spill
   (``OffloadManager``: ``summary()``, ``cleanup()``).
 - ``save(model_or_state_dict, path, ...)``: a bundle written from torch tensors.
+- ``stream(module, sd)`` (and ``assign`` given a ``StreamedStateDict``): a
+  module whose weights live in the GPU tier, each module's tensors streamed
+  to the GPU for its forward pass under the GPU budget.
 """
 from __future__ import annotations
 
@@ -19,9 +22,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type, U
 import torch
 from torch import nn
 
-from . import Bundle, Size, _native, parse_size
+from . import Bundle, GpuBundle, Size, StreamedStateDict, _native, parse_size
 
-__all__ = ["assign", "PlanHooks", "offload", "OffloadManager", "MemoryConfig", "PRESETS", "save"]
+__all__ = ["assign", "stream", "GpuStreamHooks", "PlanHooks", "offload", "OffloadManager", "MemoryConfig", "PRESETS", "save"]
 
 _TORCH_TO_FL = {
     torch.float64: "f64", torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16",
@@ -41,12 +44,18 @@ def _split(module: nn.Module, name: str) -> Tuple[nn.Module, str]:
     return module, parts[-1]
 
 
-def assign(module: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
+def assign(module: nn.Module, state_dict: Union[Dict[str, torch.Tensor], StreamedStateDict],
+           strict: bool = True) -> nn.Module:
     """Makes the module's parameters and buffers *be* the given tensors (no copy).
 
     Parameters become ``requires_grad=False`` (paged tensors are read-only).
     With strict, names missing on either side or shapes that differ raise
-    KeyError/ValueError naming them."""
+    KeyError/ValueError naming them. Given a ``StreamedStateDict`` (from
+    ``Bundle.state_dict(device='cuda')``) it also installs ``GpuStreamHooks``,
+    kept on the module as ``module.faultline_stream``."""
+    if isinstance(state_dict, StreamedStateDict):
+        stream(module, state_dict, strict=strict)
+        return module
     own = dict(module.named_parameters())
     own.update(dict(module.named_buffers()))
     if strict:
@@ -67,7 +76,37 @@ def assign(module: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool 
     return module
 
 
-class PlanHooks:
+def _modules_with_tensors(module: nn.Module, names: Iterable[str], prefix: str):
+    """(module name, module, its own tensors' bundle names) for every module
+    that owns parameters or buffers found among `names`, in registration order."""
+    names = set(names)
+    for mname, m in module.named_modules():
+        own = [n for n, _ in m.named_parameters(recurse=False)] + [n for n, _ in m.named_buffers(recurse=False)]
+        tensors = [prefix + (f"{mname}.{n}" if mname else n) for n in own]
+        tensors = [t for t in tensors if t in names]
+        if tensors:
+            yield mname, m, tensors
+
+
+class _Hooks:
+    """Hooks installed on a module, removed together (also on ``with`` exit)."""
+
+    def __init__(self) -> None:
+        self._handles: List[Any] = []
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class PlanHooks(_Hooks):
     """Prefetch from the model itself.
 
     Forward pre-hooks on every module that owns parameters: on the first
@@ -82,20 +121,15 @@ class PlanHooks:
     (``prefix + name``); ``model`` names the bundle model."""
 
     def __init__(self, module: nn.Module, bundle: Bundle, model: Optional[str] = None, prefix: str = ""):
+        super().__init__()
         self.bundle = bundle
         self.model = model
         self.prefix = prefix
-        names = set(bundle.tensors(model))
         self._order: List[str] = []
         self._recording = True
-        self._handles = []
         self.modules_seen: List[str] = []
-        for mname, m in module.named_modules():
-            own = [n for n, _ in m.named_parameters(recurse=False)] + [n for n, _ in m.named_buffers(recurse=False)]
-            tensors = [prefix + (f"{mname}.{n}" if mname else n) for n in own]
-            tensors = [t for t in tensors if t in names]
-            if tensors:
-                self._handles.append(m.register_forward_pre_hook(self._hook(mname, tensors)))
+        for mname, m, tensors in _modules_with_tensors(module, bundle.tensors(model), prefix):
+            self._handles.append(m.register_forward_pre_hook(self._hook(mname, tensors)))
 
     def _hook(self, mname: str, tensors: List[str]):
         def hook(_module, _inputs):
@@ -119,16 +153,103 @@ class PlanHooks:
     def plan(self) -> List[str]:
         return list(self._order)
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
-    def __enter__(self) -> "PlanHooks":
-        return self
+def _forward_hook(module: nn.Module, hook):
+    """A forward hook that also runs when forward raises (torch >= 2.0), so
+    a failed pass does not leave its steps begun."""
+    try:
+        return module.register_forward_hook(hook, always_call=True)
+    except TypeError:
+        return module.register_forward_hook(hook)
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+
+class GpuStreamHooks(_Hooks):
+    """Streams a module's GPU-tier weights through the GPU budget.
+
+    Every module that owns parameters or buffers found in the bundle is one
+    plan step (its own tensors). A forward pre-hook begins the step on
+    torch's current stream (the tier makes the stream wait for the
+    tensors' transfer and prefetches the next ``lookahead`` steps); a
+    forward hook ends it (the tensors may leave the GPU once the queued work
+    is done). The plan starts in module registration order; the first
+    forward pass records the order in which modules really run, and the
+    plan is set to it when that pass ends, so later passes prefetch and
+    evict by it. Inference only: no backward through streamed weights."""
+
+    def __init__(self, module: nn.Module, gpu: GpuBundle, model: Optional[str] = None, prefix: str = ""):
+        super().__init__()
+        self.gpu = gpu
+        self.model = gpu._model(model)["name"]
+        self._steps: List[List[str]] = []       # tensors of each module, by module number
+        self._step_of: List[int] = []           # module number -> its plan step
+        self._recording = True
+        self._order: List[int] = []
+        self._depth = 0
+        for _, m, tensors in _modules_with_tensors(module, gpu.tensors(self.model), prefix):
+            k = len(self._steps)
+            self._steps.append(tensors)
+            self._step_of.append(k)
+            self._handles.append(m.register_forward_pre_hook(self._pre(k)))
+            self._handles.append(_forward_hook(m, self._post(k)))
+        if not self._steps:
+            raise ValueError(f"no parameter or buffer of the module is a tensor of model '{self.model}'"
+                             + (f" (with prefix '{prefix}')" if prefix else ""))
+        self.gpu.set_plan(self._steps, self.model)
+        # Pass boundaries: the root module's own forward.
+        self._handles.insert(0, module.register_forward_pre_hook(self._pass_begin))
+        self._handles.append(_forward_hook(module, self._pass_end))
+
+    def _pass_begin(self, _module, _inputs):
+        self._depth += 1
+
+    def _pass_end(self, _module, _inputs, _output):
+        self._depth -= 1
+        if self._depth == 0 and self._recording:
+            self._recording = False
+            order = self._order + [k for k in range(len(self._steps)) if k not in self._order]
+            if order != list(range(len(self._steps))):
+                self.gpu.set_plan([self._steps[k] for k in order], self.model)
+                for step, k in enumerate(order):
+                    self._step_of[k] = step
+
+    def _pre(self, k: int):
+        def hook(_module, _inputs):
+            if self._recording and k not in self._order:
+                self._order.append(k)
+            self.gpu.begin(self._step_of[k])
+        return hook
+
+    def _post(self, k: int):
+        def hook(_module, _inputs, _output):
+            self.gpu.end(self._step_of[k])
+        return hook
+
+    @property
+    def plan(self) -> List[List[str]]:
+        """The tensors of each plan step, in plan order."""
+        return [[n for _, n in step] for step in self.gpu.plan]
+
+
+def stream(module: nn.Module, sd: StreamedStateDict, strict: bool = True, prefix: str = "") -> GpuStreamHooks:
+    """Puts a ``StreamedStateDict``'s tensors into the module (no copy, like
+    ``assign``) and installs ``GpuStreamHooks``; returns them (also kept as
+    ``module.faultline_stream``). ``prefix`` maps module names to bundle
+    names (``prefix + name``)."""
+    if not isinstance(sd, StreamedStateDict):
+        raise TypeError("stream() takes the StreamedStateDict of Bundle.state_dict(device='cuda') "
+                        "or GpuBundle.state_dict()")
+    own = dict(module.named_parameters())
+    own.update(dict(module.named_buffers()))
+    wanted = {n: prefix + n for n in own}
+    if strict:
+        missing = sorted(n for n, b in wanted.items() if b not in sd)
+        unexpected = sorted(set(sd) - set(wanted.values()))
+        if missing or unexpected:
+            raise KeyError(f"state_dict does not match the module: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    assign(module, {n: sd.tensor(b) for n, b in wanted.items() if b in sd}, strict=False)
+    hooks = GpuStreamHooks(module, sd.gpu, sd.model, prefix)
+    module.faultline_stream = hooks
+    return hooks
 
 
 class MemoryConfig:

@@ -194,6 +194,132 @@ class Bundle {
   mutable std::unique_ptr<BundleReader> blob_reader_;  // blobs are read on demand, not paged
 };
 
+// A tensor of the GPU tier: a device-usable pointer into CUDA managed
+// memory; keeps its DeviceBundle alive. Exposed to torch through
+// __cuda_array_interface__ (built in the Python package).
+struct DeviceBuffer {
+  std::shared_ptr<cuda::DeviceBundle> owner;
+  void* data;
+  size_t size;
+  int device;
+};
+
+// The GPU tier (faultline::cuda::DeviceBundle). Its tensors hold their data
+// for work queued between begin(step) and end(step) of a plan step that
+// contains them; the Python package drives that from module hooks.
+class GpuBundle {
+ public:
+  GpuBundle(const std::string& path, int device, const py::object& gpu_budget, const py::object& host_budget,
+            int lookahead, const std::string& eviction, int read_mostly, int monitor) {
+    cuda::DeviceConfig c = cuda::DeviceConfig::FromEnvironment();
+    if (device >= 0) c.device = device;
+    if (!gpu_budget.is_none()) c.gpu_budget = SizeArg(gpu_budget, "gpu_budget");
+    if (!host_budget.is_none()) c.host_budget = SizeArg(host_budget, "host_budget");
+    if (lookahead >= 0) c.lookahead = static_cast<unsigned>(lookahead);
+    if (eviction == "host") c.eviction = cuda::Eviction::kToHost;
+    else if (eviction == "discard") c.eviction = cuda::Eviction::kDiscard;
+    else if (!eviction.empty()) throw py::value_error("eviction '" + eviction + "' is not host or discard");
+    if (read_mostly >= 0) c.advice.read_mostly = read_mostly != 0;
+    if (monitor >= 0) c.monitor.enabled = monitor != 0;
+    Result<std::unique_ptr<cuda::DeviceBundle>> r = Status::Error(EINVAL, "not opened");
+    {
+      py::gil_scoped_release nogil;
+      r = cuda::DeviceBundle::Open(path, c);
+    }
+    b_ = Take(std::move(r));
+  }
+
+  cuda::DeviceBundle& get() const {
+    if (!b_) throw py::value_error("the GPU bundle is closed");
+    return *b_;
+  }
+
+  std::string manifest() const { return internal::ManifestToJson(get().info()); }
+  int device() const { return get().config().device; }
+
+  cuda::DeviceTensor tensor(const std::string& model, const std::string& name) const {
+    return Take(get().tensor(model, name));
+  }
+
+  DeviceBuffer buffer(const std::string& model, const std::string& name) const {
+    cuda::DeviceTensor t = tensor(model, name);
+    return DeviceBuffer{b_, t.data, static_cast<size_t>(t.size()), device()};
+  }
+
+  // steps: for each step, the (model, tensor) pairs it uses.
+  void set_plan(const std::vector<std::vector<std::pair<std::string, std::string>>>& steps) {
+    std::vector<std::vector<cuda::DeviceTensor>> plan;
+    for (const auto& step : steps) {
+      plan.emplace_back();
+      for (const auto& [m, n] : step) plan.back().push_back(tensor(m, n));
+    }
+    Status s = get().SetPlan(std::move(plan));
+    if (!s.ok()) Raise(s);
+  }
+  size_t plan_size() const { return get().plan_size(); }
+
+  // stream: a cudaStream_t as an integer (torch: stream.cuda_stream); 0 is
+  // the legacy default stream.
+  void begin(size_t step, uintptr_t stream) {
+    Status s;
+    {
+      py::gil_scoped_release nogil;
+      s = get().Begin(step, reinterpret_cast<void*>(stream));
+    }
+    if (!s.ok()) Raise(s);
+  }
+  void end(size_t step, uintptr_t stream) { get().End(step, reinterpret_cast<void*>(stream)); }
+  void synchronize() {
+    Status s;
+    {
+      py::gil_scoped_release nogil;
+      s = get().Synchronize();
+    }
+    if (!s.ok()) Raise(s);
+  }
+
+  py::dict stats() const {
+    cuda::DeviceStats s = get().stats();
+    py::dict d;
+    d["to_device"] = s.to_device;
+    d["bytes_to_device"] = s.bytes_to_device;
+    d["to_host"] = s.to_host;
+    d["bytes_to_host"] = s.bytes_to_host;
+    d["discards"] = s.discards;
+    d["bytes_discarded"] = s.bytes_discarded;
+    d["decodes"] = s.decodes;
+    d["bytes_decoded"] = s.bytes_decoded;
+    d["errors"] = s.errors;
+    d["begin_waits"] = s.begin_waits;
+    d["device_resident"] = s.device_resident;
+    d["peak_device_resident"] = s.peak_device_resident;
+    d["host_resident"] = s.host_resident;
+    d["peak_host_resident"] = s.peak_host_resident;
+    d["gpu_budget"] = s.gpu_budget;
+    d["effective_gpu_budget"] = s.effective_gpu_budget;
+    d["monitor_ticks"] = s.monitor_ticks;
+    d["offloads"] = s.offloads;
+    d["emergencies"] = s.emergencies;
+    d["reloads"] = s.reloads;
+    d["host_drops"] = s.host_drops;
+    d["gpu_pressure"] = s.gpu_pressure;
+    d["host_pressure"] = s.host_pressure;
+    return d;
+  }
+
+  // Frees the managed memory once no tensor refers to it any more.
+  void close() {
+    if (b_) {
+      py::gil_scoped_release nogil;
+      (void)b_->Synchronize();
+    }
+    b_.reset();
+  }
+
+ private:
+  std::shared_ptr<cuda::DeviceBundle> b_;
+};
+
 py::dict AllocStatsDict(const AllocStats& s) {
   py::dict d;
   d["allocations"] = s.allocations;
@@ -373,6 +499,29 @@ PYBIND11_MODULE(_native, m) {
       .def("advance", &Bundle::advance)
       .def("stats", &Bundle::stats)
       .def("close", &Bundle::close);
+
+  m.def("cuda_describe", [] { return cuda::Describe(); });
+
+  py::class_<DeviceBuffer>(m, "DeviceBuffer")
+      .def_property_readonly("address", [](const DeviceBuffer& b) { return reinterpret_cast<uintptr_t>(b.data); })
+      .def_property_readonly("device", [](const DeviceBuffer& b) { return b.device; })
+      .def("__len__", [](const DeviceBuffer& b) { return b.size; });
+
+  py::class_<GpuBundle>(m, "GpuBundle")
+      .def(py::init<const std::string&, int, const py::object&, const py::object&, int, const std::string&, int, int>(),
+           py::arg("path"), py::arg("device") = -1, py::arg("gpu_budget") = py::none(),
+           py::arg("host_budget") = py::none(), py::arg("lookahead") = -1, py::arg("eviction") = "",
+           py::arg("read_mostly") = -1, py::arg("monitor") = -1)
+      .def("manifest", &GpuBundle::manifest)
+      .def("device", &GpuBundle::device)
+      .def("buffer", &GpuBundle::buffer)
+      .def("set_plan", &GpuBundle::set_plan)
+      .def("plan_size", &GpuBundle::plan_size)
+      .def("begin", &GpuBundle::begin, py::arg("step"), py::arg("stream") = 0)
+      .def("end", &GpuBundle::end, py::arg("step"), py::arg("stream") = 0)
+      .def("synchronize", &GpuBundle::synchronize)
+      .def("stats", &GpuBundle::stats)
+      .def("close", &GpuBundle::close);
 
   py::class_<Region>(m, "Region")
       .def(py::init<const py::object&, const py::object&, const std::string&, const std::string&>(), py::arg("size"),
