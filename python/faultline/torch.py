@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
@@ -154,13 +155,15 @@ class PlanHooks(_Hooks):
         return list(self._order)
 
 
+# Whether forward hooks can run when forward raises (torch >= 2.0).
+_ALWAYS_CALL = "always_call" in inspect.signature(nn.Module.register_forward_hook).parameters
+
+
 def _forward_hook(module: nn.Module, hook):
-    """A forward hook that also runs when forward raises (torch >= 2.0), so
-    a failed pass does not leave its steps begun."""
-    try:
+    """A forward hook that also runs when forward raises, where torch can."""
+    if _ALWAYS_CALL:
         return module.register_forward_hook(hook, always_call=True)
-    except TypeError:
-        return module.register_forward_hook(hook)
+    return module.register_forward_hook(hook)
 
 
 class GpuStreamHooks(_Hooks):
@@ -174,7 +177,10 @@ class GpuStreamHooks(_Hooks):
     is done). The plan starts in module registration order; the first
     forward pass records the order in which modules really run, and the
     plan is set to it when that pass ends, so later passes prefetch and
-    evict by it. Inference only: no backward through streamed weights."""
+    evict by it. Inference only: no backward through streamed weights.
+    A forward that raises ends its steps (torch >= 2.0 runs the hooks; with
+    an older torch the steps it left begun are ended when the next pass
+    begins, or by ``remove()``)."""
 
     def __init__(self, module: nn.Module, gpu: GpuBundle, model: Optional[str] = None, prefix: str = ""):
         super().__init__()
@@ -185,6 +191,7 @@ class GpuStreamHooks(_Hooks):
         self._recording = True
         self._order: List[int] = []
         self._depth = 0
+        self._open: List[int] = []              # plan steps begun and not yet ended
         for _, m, tensors in _modules_with_tensors(module, gpu.tensors(self.model), prefix):
             k = len(self._steps)
             self._steps.append(tensors)
@@ -200,7 +207,16 @@ class GpuStreamHooks(_Hooks):
         self._handles.append(_forward_hook(module, self._pass_end))
 
     def _pass_begin(self, _module, _inputs):
+        if self._depth > 0 and not _ALWAYS_CALL:
+            # The last pass raised before its hooks ran (the root module is
+            # not re-entered by its own forward).
+            self._end_open()
+            self._depth = 0
         self._depth += 1
+
+    def _end_open(self) -> None:
+        while self._open:
+            self.gpu.end(self._open.pop())
 
     def _pass_end(self, _module, _inputs, _output):
         self._depth -= 1
@@ -216,13 +232,22 @@ class GpuStreamHooks(_Hooks):
         def hook(_module, _inputs):
             if self._recording and k not in self._order:
                 self._order.append(k)
-            self.gpu.begin(self._step_of[k])
+            step = self._step_of[k]
+            self.gpu.begin(step)
+            self._open.append(step)
         return hook
 
     def _post(self, k: int):
         def hook(_module, _inputs, _output):
-            self.gpu.end(self._step_of[k])
+            step = self._step_of[k]
+            if step in self._open:
+                self._open.remove(step)
+                self.gpu.end(step)
         return hook
+
+    def remove(self) -> None:
+        self._end_open()
+        super().remove()
 
     @property
     def plan(self) -> List[List[str]]:
