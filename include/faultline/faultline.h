@@ -151,6 +151,14 @@ int faultline_paged_prefetch(faultline_paged* paged, const char* model, const ch
 int faultline_paged_dont_need(faultline_paged* paged, const char* model, const char* tensor);
 int faultline_paged_pin(faultline_paged* paged, const char* model, const char* tensor);
 int faultline_paged_unpin(faultline_paged* paged, const char* model, const char* tensor);
+/* The execution plan: one step per prefix of tensor names (the tensors of a
+ * step are used together, such as one operation's weight and bias), in the
+ * order of one pass (model NULL = the first model). -ENOENT names a prefix
+ * no tensor starts with. */
+int faultline_paged_set_plan(faultline_paged* paged, const char* model, const char* const* prefixes,
+                             size_t count);
+/* The pass reached this tensor's step: prefetches the steps that follow. */
+int faultline_paged_advance(faultline_paged* paged, const char* model, const char* tensor);
 
 /* Versioned, size-prefixed statistics: set struct_size before the call; the
  * library fills what both sides know and sets version. */

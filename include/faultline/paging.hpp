@@ -160,6 +160,15 @@ class PagedBundle {
   // (cyclic). Drives plan-aware eviction and prefetch: while tensor k runs,
   // tensors k+1.. are loaded ahead as the budget allows.
   void SetPlan(const std::vector<TensorView>& order);
+  // The same in steps: the tensors of a step are used together (one
+  // operation's weight and bias, in whatever order its kernels touch
+  // them), so none of them counts as finished while the step runs. With
+  // one tensor per step, touching the bias makes the weight look finished,
+  // and it is evicted first while the operation still reads it. Tensors
+  // used one after another belong in separate steps, so that each can
+  // leave once the next runs. A tensor counts in its first step only;
+  // empty steps are dropped.
+  void SetPlan(const std::vector<std::vector<TensorView>>& steps);
   // Records the plan from the order of first faults until StopRecording,
   // then installs it.
   void StartRecordingPlan();

@@ -313,7 +313,26 @@ const void* faultline_paged_tensor(faultline_paged* p, const char* model, const 
 FL_PAGED_HINT(faultline_paged_prefetch, p->bundle->Prefetch(*v))
 FL_PAGED_HINT(faultline_paged_dont_need, p->bundle->DontNeed(*v))
 FL_PAGED_HINT(faultline_paged_unpin, p->bundle->Unpin(*v))
+FL_PAGED_HINT(faultline_paged_advance, p->bundle->Advance(*v))
 #undef FL_PAGED_HINT
+
+int faultline_paged_set_plan(faultline_paged* p, const char* model, const char* const* prefixes, size_t count) {
+  if (!p || (!prefixes && count)) return Fail(EINVAL, "NULL argument");
+  return Guard([&] {
+    auto m = model ? p->bundle->model(model) : Result<ModelView>(p->bundle->model());
+    if (!m.ok()) return Fail(m.status());
+    std::vector<std::vector<TensorView>> steps;
+    for (size_t i = 0; i < count; i++) {
+      if (!prefixes[i]) return Fail(EINVAL, "NULL prefix");
+      steps.push_back(m->layer(prefixes[i]));
+      if (steps.back().empty())
+        return Fail(Status::Error(ENOENT, "no tensor of model '%.64s' starts with '%.64s'", m->info().name.c_str(),
+                                  prefixes[i]));
+    }
+    p->bundle->SetPlan(steps);
+    return 0;
+  });
+}
 
 int faultline_paged_pin(faultline_paged* p, const char* model, const char* tensor) {
   auto v = FindView(p, model, tensor);

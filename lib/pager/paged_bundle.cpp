@@ -255,8 +255,14 @@ void PagedBundle::DontNeed(const TensorView& t) { impl_->engine->DontNeed(t.id()
 Status PagedBundle::Pin(const TensorView& t) { return impl_->engine->Pin(t.id()); }
 void PagedBundle::Unpin(const TensorView& t) { impl_->engine->Unpin(t.id()); }
 void PagedBundle::SetPlan(const std::vector<TensorView>& order) {
-  std::vector<uint32_t> ids;
-  for (const auto& t : order) ids.push_back(t.id());
+  std::vector<std::vector<uint32_t>> steps;
+  for (const auto& t : order) steps.push_back({t.id()});
+  impl_->engine->SetPlan(steps);
+}
+void PagedBundle::SetPlan(const std::vector<std::vector<TensorView>>& steps) {
+  std::vector<std::vector<uint32_t>> ids(steps.size());
+  for (size_t k = 0; k < steps.size(); k++)
+    for (const auto& t : steps[k]) ids[k].push_back(t.id());
   impl_->engine->SetPlan(ids);
 }
 void PagedBundle::StartRecordingPlan() { impl_->engine->StartRecording(); }

@@ -628,8 +628,9 @@ uint64_t Engine::PlanDistanceLocked(uint64_t f) const {
   if (t.plan_pos < 0) {
     d = 2 * n;  // not in the plan: evicted first
   } else {
-    // The tensor in use is needed soonest (kernels such as GEMM revisit
-    // its frames in any order); the one just finished is needed last.
+    // The step in use is needed soonest (kernels such as GEMM revisit its
+    // frames in any order, and touch its tensors in any order); the one
+    // just finished is needed last.
     d = (static_cast<uint64_t>(t.plan_pos) + n - plan_cursor_) % n;
   }
   return (d << 32) | fr.index;
@@ -820,15 +821,16 @@ void Engine::TouchLocked(uint64_t f) {
   int64_t pos = tensors_[t].plan_pos;
   if (!plan_.empty() && pos >= 0 && static_cast<uint64_t>(pos) != plan_cursor_) {
     plan_cursor_ = static_cast<uint64_t>(pos);
-    // Plan-driven prefetch: the tensors that follow, up to a quarter of the budget.
+    // Plan-driven prefetch: the steps that follow, up to a quarter of the budget.
     uint64_t ahead = 0;
-    for (uint64_t k = 1; k < plan_.size() && ahead < budget_ / 4; k++) {
-      const TensorSlot& nt = tensors_[plan_[(plan_cursor_ + k) % plan_.size()]];
-      for (uint64_t i = 0; i < nt.frames && ahead < budget_ / 4; i++) {
-        QueuePrefetchLocked(nt.first_frame + i);
-        ahead += nt.page;
+    for (uint64_t k = 1; k < plan_.size() && ahead < budget_ / 4; k++)
+      for (uint32_t id : plan_[(plan_cursor_ + k) % plan_.size()]) {
+        const TensorSlot& nt = tensors_[id];
+        for (uint64_t i = 0; i < nt.frames && ahead < budget_ / 4; i++) {
+          QueuePrefetchLocked(nt.first_frame + i);
+          ahead += nt.page;
+        }
       }
-    }
   }
 }
 
@@ -1144,14 +1146,18 @@ void Engine::Unpin(uint32_t t) {
   for (uint64_t k = 0; k < ts.frames; k++) frames_[ts.first_frame + k].pins--;
 }
 
-void Engine::SetPlan(const std::vector<uint32_t>& order) {
+void Engine::SetPlan(const std::vector<std::vector<uint32_t>>& steps) {
   std::lock_guard<std::mutex> lock(mu_);
   for (auto& t : tensors_) t.plan_pos = -1;
   plan_.clear();
-  for (uint32_t t : order) {
-    if (t >= tensors_.size() || tensors_[t].plan_pos >= 0) continue;
-    tensors_[t].plan_pos = static_cast<int64_t>(plan_.size());
-    plan_.push_back(t);
+  for (const auto& step : steps) {
+    std::vector<uint32_t> ids;
+    for (uint32_t t : step) {
+      if (t >= tensors_.size() || tensors_[t].plan_pos >= 0) continue;
+      tensors_[t].plan_pos = static_cast<int64_t>(plan_.size());
+      ids.push_back(t);
+    }
+    if (!ids.empty()) plan_.push_back(std::move(ids));
   }
   plan_cursor_ = 0;
 }
@@ -1164,13 +1170,14 @@ void Engine::StartRecording() {
 }
 
 void Engine::StopRecording() {
-  std::vector<uint32_t> order;
+  std::vector<std::vector<uint32_t>> steps;
   {
     std::lock_guard<std::mutex> lock(mu_);
     recording_ = false;
-    order.swap(recorded_);
+    for (uint32_t t : recorded_) steps.push_back({t});
+    recorded_.clear();
   }
-  SetPlan(order);
+  SetPlan(steps);
 }
 
 void Engine::Advance(uint32_t t) {

@@ -69,7 +69,7 @@ struct TensorSlot {
   uint64_t frames = 0;
   uint32_t unit_frames = 0;   // frames per huge unit (0: the tensor has no unit)
   uint64_t units = 0;         // whole units, from frame 0
-  int64_t plan_pos = -1;
+  int64_t plan_pos = -1;     // its plan step, or -1
   // Readahead state, guarded by mu_.
   int64_t last_fault = -2;
   uint32_t window = 0;
@@ -171,7 +171,9 @@ class Engine {
   void DontNeed(uint32_t t);
   Status Pin(uint32_t t);
   void Unpin(uint32_t t);
-  void SetPlan(const std::vector<uint32_t>& order);
+  // Steps of tensors used together (a layer's weight and bias), in the order
+  // of one pass; a tensor counts in its first step only.
+  void SetPlan(const std::vector<std::vector<uint32_t>>& steps);
   void StartRecording();
   void StopRecording();
   void Advance(uint32_t t);
@@ -278,8 +280,8 @@ class Engine {
   uint64_t pinned_bytes_ = 0;
   uint64_t budget_ = 0;
   uint64_t tick_ = 0;
-  std::vector<uint32_t> plan_;
-  uint64_t plan_cursor_ = 0;
+  std::vector<std::vector<uint32_t>> plan_;  // the steps' tensors
+  uint64_t plan_cursor_ = 0;                  // the step in use
   bool recording_ = false;
   std::vector<uint32_t> recorded_;
   std::vector<bool> recorded_seen_;

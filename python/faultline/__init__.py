@@ -251,12 +251,20 @@ class Bundle(_Manifest):
     def unpin(self, name: str, model: Optional[str] = None) -> None:
         self._b.unpin(self._model(model)["name"], name)
 
-    def set_plan(self, order: Sequence[Union[str, Tuple[str, str]]], model: Optional[str] = None) -> None:
-        """The execution plan: tensor names (or (model, name) pairs) in the order
-        one pass uses them. Drives plan-aware eviction and prefetch."""
+    def set_plan(self, order: Sequence[Union[str, Tuple[str, str], Sequence[Union[str, Tuple[str, str]]]]],
+                 model: Optional[str] = None) -> None:
+        """The execution plan, in the order one pass uses it: tensor names (or
+        (model, name) pairs), or steps, each a list of the tensors one
+        operation uses together (a Linear's weight and bias). Drives
+        plan-aware eviction and prefetch. As separate entries, touching the
+        bias makes the weight look finished, and it is evicted first while
+        the operation still reads it."""
         default = self._model(model)["name"]
-        pairs = [(o if isinstance(o, tuple) else (default, o)) for o in order]
-        self._b.set_plan(pairs)
+
+        def pair(o: Union[str, Tuple[str, str]]) -> Tuple[str, str]:
+            return o if isinstance(o, tuple) else (default, o)
+
+        self._b.set_plan([[pair(o)] if isinstance(o, (str, tuple)) else [pair(x) for x in o] for o in order])
 
     def start_recording(self) -> None:
         """Records the plan from the order of first touches until stop_recording."""

@@ -112,8 +112,9 @@ class PlanHooks(_Hooks):
 
     Forward pre-hooks on every module that owns parameters: on the first
     forward pass they record the order in which modules run; when that pass
-    ends (``stop()``, or the first call of ``finish_recording()``) the order
-    of their tensors becomes the bundle's execution plan. Afterwards each
+    ends (the first call of ``finish_recording()``) that order becomes the
+    bundle's execution plan, one step per module (its tensors are used
+    together, so none of them looks finished while it runs). Afterwards each
     hook tells the pager where the pass is (``Bundle.advance``), so the
     tensors that follow are loaded ahead and the ones used furthest in the
     future are evicted first (use ``policy='plan'``).
@@ -126,7 +127,7 @@ class PlanHooks(_Hooks):
         self.bundle = bundle
         self.model = model
         self.prefix = prefix
-        self._order: List[str] = []
+        self._steps: List[List[str]] = []
         self._recording = True
         self.modules_seen: List[str] = []
         for mname, m, tensors in _modules_with_tensors(module, bundle.tensors(model), prefix):
@@ -137,22 +138,29 @@ class PlanHooks(_Hooks):
             if self._recording:
                 if mname not in self.modules_seen:
                     self.modules_seen.append(mname)
-                    self._order.extend(tensors)
+                    self._steps.append(tensors)
             else:
                 self.bundle.advance(tensors[0], self.model)
         return hook
 
     def finish_recording(self) -> List[str]:
-        """Ends the recording pass and installs the plan; returns it."""
+        """Ends the recording pass and installs the plan (one step per
+        module: its tensors are used together); returns its tensors in order."""
         if self._recording:
             self._recording = False
-            if self._order:
-                self.bundle.set_plan(self._order, self.model)
-        return list(self._order)
+            if self._steps:
+                self.bundle.set_plan(self._steps, self.model)
+        return self.plan
 
     @property
     def plan(self) -> List[str]:
-        return list(self._order)
+        """The plan's tensors, in order."""
+        return [t for step in self._steps for t in step]
+
+    @property
+    def steps(self) -> List[List[str]]:
+        """The plan's steps: each module's tensors, in the order modules ran."""
+        return [list(step) for step in self._steps]
 
 
 # Whether forward hooks can run when forward raises (torch >= 2.0).

@@ -144,9 +144,11 @@ class Bundle {
     if (!s.ok()) Raise(s);
   }
   void unpin(const std::string& model, const std::string& name) { get().Unpin(view(model, name)); }
-  void set_plan(const std::vector<std::pair<std::string, std::string>>& order) {
-    std::vector<TensorView> v;
-    for (auto& [m, n] : order) v.push_back(view(m, n));
+  // steps: for each plan step, the (model, tensor) pairs used together.
+  void set_plan(const std::vector<std::vector<std::pair<std::string, std::string>>>& steps) {
+    std::vector<std::vector<TensorView>> v(steps.size());
+    for (size_t k = 0; k < steps.size(); k++)
+      for (auto& [m, n] : steps[k]) v[k].push_back(view(m, n));
     get().SetPlan(v);
   }
   void start_recording() { get().StartRecordingPlan(); }

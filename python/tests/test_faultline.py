@@ -151,11 +151,25 @@ def test_plan_recorded_from_forward_hooks_drives_prefetch(saved):
         plan = hooks.finish_recording()
         assert plan[:2] == ["0.weight", "0.bias"]
         assert len(plan) == len(model.state_dict())
+        # One step per module: a layer's weight and bias are used together.
+        assert hooks.steps[:2] == [["0.weight", "0.bias"], ["1.weight", "1.bias"]]
+        assert len(hooks.steps) == 16
         before = b.stats()["prefetched"]
         for _ in range(3):
             assert torch.equal(twin(x), want)
     assert b.stats()["prefetched"] > before
     hooks.remove()
+
+
+def test_a_plan_is_given_as_tensors_or_as_steps(saved):
+    model, path = saved
+    b = faultline.open(path, budget="1M", policy="plan")
+    b.set_plan(["0.weight", "0.bias", ("mlp", "1.weight")])
+    b.set_plan([["0.weight", "0.bias"], [("mlp", "1.weight"), "1.bias"], "3.weight"])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        b.set_plan([["0.weight", "nope"]])
+    b.advance("0.weight")
+    assert torch.equal(b.tensor("0.weight"), model.state_dict()["0.weight"])
 
 
 def test_offload_a_live_model_under_a_budget(tmp_path):

@@ -131,6 +131,15 @@ TEST_CASE("the C ABI maps a bundle for demand paging and reports its statistics"
   CHECK(errno == ENOENT);
   CHECK(faultline_paged_prefetch(p, "nope", "w") == -ENOENT);
   CHECK(faultline_paged_dont_need(p, "m", "w") == 0);
+  const char* steps[] = {"w"};
+  CHECK(faultline_paged_set_plan(p, nullptr, steps, 1) == 0);
+  CHECK(faultline_paged_advance(p, "m", "w") == 0);
+  CHECK(faultline_paged_advance(p, "m", "nope") == -ENOENT);
+  const char* bad[] = {"w", "layers."};
+  CHECK(faultline_paged_set_plan(p, "m", bad, 2) == -ENOENT);
+  CHECK(std::string(faultline_last_error()).find("'layers.'") != std::string::npos);
+  CHECK(faultline_paged_set_plan(p, "m", nullptr, 1) == -EINVAL);
+  CHECK(faultline_paged_set_plan(p, "nope", steps, 1) == -ENOENT);
   faultline_paging_stats st;
   st.struct_size = sizeof(st);
   REQUIRE(faultline_paged_stats(p, &st) == 0);
