@@ -110,11 +110,12 @@ class _Hooks:
 class PlanHooks(_Hooks):
     """Prefetch from the model itself.
 
-    Forward pre-hooks on every module that owns parameters: on the first
-    forward pass they record the order in which modules run; when that pass
-    ends (the first call of ``finish_recording()``) that order becomes the
-    bundle's execution plan, one step per module (its tensors are used
-    together, so none of them looks finished while it runs). Afterwards each
+    Forward pre-hooks on every module that owns parameters. Until the first
+    pass ends, the plan is the modules' registration order (which is most
+    often the order they run in), one step per module (its tensors are used
+    together, so none of them looks finished while it runs); the first pass
+    records the order in which modules really run, and when it ends (the
+    first call of ``finish_recording()``) that order becomes the plan. Each
     hook tells the pager where the pass is (``Bundle.advance``), so the
     tensors that follow are loaded ahead and the ones used furthest in the
     future are evicted first (use ``policy='plan'``).
@@ -130,17 +131,19 @@ class PlanHooks(_Hooks):
         self._steps: List[List[str]] = []
         self._recording = True
         self.modules_seen: List[str] = []
+        initial = []
         for mname, m, tensors in _modules_with_tensors(module, bundle.tensors(model), prefix):
             self._handles.append(m.register_forward_pre_hook(self._hook(mname, tensors)))
+            initial.append(tensors)
+        if initial:
+            bundle.set_plan(initial, model)
 
     def _hook(self, mname: str, tensors: List[str]):
         def hook(_module, _inputs):
-            if self._recording:
-                if mname not in self.modules_seen:
-                    self.modules_seen.append(mname)
-                    self._steps.append(tensors)
-            else:
-                self.bundle.advance(tensors[0], self.model)
+            if self._recording and mname not in self.modules_seen:
+                self.modules_seen.append(mname)
+                self._steps.append(tensors)
+            self.bundle.advance(tensors[0], self.model)
         return hook
 
     def finish_recording(self) -> List[str]:

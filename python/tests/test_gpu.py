@@ -129,6 +129,22 @@ def test_stream_hooks_begin_each_module_step_around_its_forward(branches):
     assert len(tier.events) == n
 
 
+def test_plan_hooks_record_the_order_modules_run_in(branches):
+    # The same ordering logic for the CPU pager's PlanHooks.
+    model, path = branches
+    b = faultline.open(path, budget="256K", policy="plan")
+    paged = ft.assign(Branches().eval(), b.state_dict())
+    hooks = ft.PlanHooks(paged, b)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert torch.equal(paged(x), model(x))
+        hooks.finish_recording()
+        assert torch.equal(paged(x), model(x))
+    assert hooks.steps == [["scale"], ["third.weight", "third.bias"], ["second.weight", "second.bias"],
+                           ["first.weight", "first.bias"]]
+    hooks.remove()
+
+
 def test_a_failed_forward_leaves_no_step_begun(branches):
     model, path = branches
     tier = RecordingTier(faultline.open(path, budget="1M"))
