@@ -222,7 +222,10 @@ def test_a_model_four_times_the_gpu_budget_streams_and_matches_the_resident_run(
         for _ in range(3):
             got = paged(x)
             torch.cuda.synchronize()
-            assert torch.equal(got, want)
+            # Same weights, same kernels; cuBLAS may still pick another
+            # algorithm for other pointers, hence a tolerance far below
+            # what a wrong weight would give.
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     s = sd.gpu.stats()
     assert s["to_device"] > 0 and s["decodes"] > 0
     assert s["peak_device_resident"] <= budget
