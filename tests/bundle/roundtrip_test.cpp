@@ -2,6 +2,9 @@
 // sizes, frames read alone, metadata, blobs, streamed tensors, dedup, and
 // the atomic write.
 #include <doctest/doctest.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 
 #include "bundle/bundle_util.h"
 
@@ -276,6 +279,29 @@ TEST_CASE("a failed build leaves nothing at the target and keeps an existing fil
   auto after = ReadFileBytes(path);
   CHECK(after.size() == 3);
   CHECK(dir.List().size() == 1);  // no temporary left behind
+}
+
+TEST_CASE("a build that cannot write its frames fails with a clear error and leaves nothing") {
+  // A file size limit makes a buffered chunk's write fail part way (EFBIG).
+  TempDir dir;
+  std::string path = dir / "big.apbundle";
+  TensorOptions raw;
+  raw.codec = Codec::kRaw;
+  auto data = RandomBytes(12u << 20, 8, false);
+  int status = RunInChild([&]() -> int {
+    signal(SIGXFSZ, SIG_IGN);
+    rlimit lim{3u << 20, 3u << 20};
+    if (setrlimit(RLIMIT_FSIZE, &lim) != 0) return 3;
+    BundleBuilder b;
+    b.AddModel("m").AddTensor("w", DType::kU8, {data.size()}, data, raw);
+    auto r = b.Build(path);
+    if (r.ok()) return 4;
+    if (std::string(r.status().message()).find("bundle frames") == std::string::npos) return 5;
+    return r.status().code() == EFBIG ? 0 : 6;
+  });
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(dir.List().empty());
 }
 
 TEST_CASE("a build into a missing directory fails with a clear error") {
