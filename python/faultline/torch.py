@@ -203,19 +203,21 @@ class GpuStreamHooks(_Hooks):
         self._order: List[int] = []
         self._depth = 0
         self._open: List[int] = []              # plan steps begun and not yet ended
-        for _, m, tensors in _modules_with_tensors(module, gpu.tensors(self.model), prefix):
-            k = len(self._steps)
+        found = list(_modules_with_tensors(module, gpu.tensors(self.model), prefix))
+        if not found:
+            raise ValueError(f"no parameter or buffer of the module is a tensor of model '{self.model}'"
+                             + (f" (with prefix '{prefix}')" if prefix else ""))
+        # Pass boundaries: the root module's own forward, hooked first (its
+        # pre-hook runs before the root's step begins) and last (its forward
+        # hook runs after the root's step ends).
+        self._handles.append(module.register_forward_pre_hook(self._pass_begin))
+        for k, (_, m, tensors) in enumerate(found):
             self._steps.append(tensors)
             self._step_of.append(k)
             self._handles.append(m.register_forward_pre_hook(self._pre(k)))
             self._handles.append(_forward_hook(m, self._post(k)))
-        if not self._steps:
-            raise ValueError(f"no parameter or buffer of the module is a tensor of model '{self.model}'"
-                             + (f" (with prefix '{prefix}')" if prefix else ""))
-        self.gpu.set_plan(self._steps, self.model)
-        # Pass boundaries: the root module's own forward.
-        self._handles.insert(0, module.register_forward_pre_hook(self._pass_begin))
         self._handles.append(_forward_hook(module, self._pass_end))
+        self.gpu.set_plan(self._steps, self.model)
 
     def _pass_begin(self, _module, _inputs):
         if self._depth > 0 and not _ALWAYS_CALL:

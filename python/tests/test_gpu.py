@@ -154,9 +154,14 @@ def test_a_failed_forward_leaves_no_step_begun(branches):
             paged(torch.randn(4, 63))  # wrong width: the first Linear to run raises
         if ft._ALWAYS_CALL:
             assert tier.open == []  # torch >= 2.0 ran the hooks
-        # The next pass ends what the failed one left begun, then runs right.
+        # The next pass ends what the failed one left begun, then runs right,
+        # every module inside its step (the root's own parameter included).
+        def root_check(_m, _inputs):
+            assert "scale" in tier.live(), "the root's step is not begun when its forward starts"
+        h = paged.register_forward_pre_hook(root_check)  # runs after the streaming pre-hooks
         x = torch.randn(4, 64)
         assert torch.equal(paged(x), model(x))
+        h.remove()
         assert tier.open == []
         with pytest.raises(RuntimeError):
             paged(torch.randn(4, 63))
