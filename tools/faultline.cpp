@@ -43,6 +43,8 @@ constexpr const char* kPackHelp =
     "  --level N             zstd level, -7..22 (default 3)\n"
     "  --page-size SIZE      frame size, a power of two from 4K to 64M (default 64K)\n"
     "  --shuffle             group the bytes of each element before compressing\n"
+    "  --min-ratio R         store a frame compressed only if it shrinks R times or more,\n"
+    "                        verbatim otherwise (faster to load; default 1: any saving)\n"
     "  --threads N           compression threads (default: all cores)\n"
     "  --config FILE         add FILE as the model's config blob (e.g. config.json)\n"
     "  -q, --quiet           no progress bar or summary\n";
@@ -172,6 +174,13 @@ int Pack(const std::vector<std::string>& args) {
       topts.page_size = static_cast<uint32_t>(v);
     } else if (a == "--shuffle") {
       topts.shuffle = true;
+    } else if (a == "--min-ratio") {
+      char* end = nullptr;
+      if (!TakeValue(args, i, &value)) return Usage("--min-ratio needs a number", kPackHelp);
+      double v = strtod(value.c_str(), &end);
+      if (value.empty() || *end != '\0' || !(v >= 1.0 && v <= 1e9))
+        return Usage("--min-ratio must be a number of at least 1 (such as 1.1)", kPackHelp);
+      topts.min_ratio = v;
     } else if (a == "--threads") {
       char* end = nullptr;
       if (!TakeValue(args, i, &value)) return Usage("--threads needs a number", kPackHelp);

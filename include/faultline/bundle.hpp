@@ -36,6 +36,12 @@ struct TensorOptions {
   int level = 3;                     // zstd level (negative = fast levels, up to 22)
   bool shuffle = false;              // group the bytes of each element before zstd
   uint32_t page_size = kDefaultPageSize;  // frame size: a power of two in [4 KiB, 64 MiB]
+  // A frame is stored compressed only when raw/compressed >= min_ratio, and
+  // verbatim otherwise (1.0: whenever compression saves a byte). A stored-raw
+  // frame loads with a copy instead of a decode (several times faster):
+  // 1.1 keeps weights that compress less than 1.1x raw, trading their last
+  // few percent of space for load speed. At least 1.
+  double min_ratio = 1.0;
 };
 
 // One dimension of a signature shape: static when size >= 0, dynamic

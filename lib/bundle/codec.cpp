@@ -73,9 +73,9 @@ Result<size_t> EncodeFrame(const FrameCodec& c, std::span<const std::byte> raw,
     if (!t_zstd.c) return Status::Error(ENOMEM, "cannot create a zstd compression context");
     size_t n = ZSTD_compressCCtx(t_zstd.c, out.data(), out.size(), src, raw.size(), c.level);
     if (ZSTD_isError(n)) return Status::Error(EIO, "zstd: %s", ZSTD_getErrorName(n));
-    if (n < raw.size()) return n;
+    if (n < raw.size() && static_cast<double>(raw.size()) >= c.min_ratio * static_cast<double>(n)) return n;
   }
-  // Raw codec, or compression did not help: store the frame verbatim.
+  // Raw codec, or compression did not help (enough): store the frame verbatim.
   if (out.size() < raw.size()) return Status::Error(ENOBUFS, "frame buffer too small");
   memcpy(out.data(), raw.data(), raw.size());
   if (c.codec != Codec::kRaw) *flags = kFrameStoredRaw;

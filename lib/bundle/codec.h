@@ -20,6 +20,7 @@ struct FrameCodec {
   int level = 3;
   bool shuffle = false;
   size_t elem_size = 1;  // shuffle granularity
+  double min_ratio = 1.0;  // encoding: keep a compressed frame only at raw/compressed >= this
 };
 
 // Upper bound of a stored frame's length for raw length `raw_len`.

@@ -37,6 +37,7 @@ struct PendingObject {
   std::span<const std::byte> data; // in-memory tensor
   std::shared_ptr<const void> keepalive;
   TensorSource source;             // streamed tensor
+  double min_ratio = 1.0;          // TensorOptions::min_ratio (not stored in the bundle)
 };
 
 struct DedupKey {
@@ -76,6 +77,8 @@ struct ModelBuilder::Impl {
     if (s.ok()) s = CheckPageSize(o.page_size);
     if (s.ok() && (o.level < -131072 || o.level > 22))
       s = Status::Error(EINVAL, "zstd level %d out of range", o.level);
+    if (s.ok() && !(o.min_ratio >= 1.0 && o.min_ratio <= 1e9))
+      s = Status::Error(EINVAL, "min_ratio %g must be a number of at least 1", o.min_ratio);
     for (const auto& p : objects)
       if (s.ok() && p.is_blob == is_blob && p.info.name == name)
         s = Status::Error(EEXIST, "duplicate %s name", what);
@@ -94,6 +97,7 @@ struct ModelBuilder::Impl {
     p.info.level = o.codec == Codec::kZstd ? o.level : 0;
     p.info.shuffle = o.codec == Codec::kZstd && o.shuffle && DTypeSize(dtype) > 1;
     p.info.page_size = o.page_size;
+    p.min_ratio = o.min_ratio;
     p.is_blob = is_blob;
     return &p;
   }
@@ -303,7 +307,7 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
   t.frame_count = (t.size + t.page_size - 1) / t.page_size;
   t.stored_size = 0;
   const uint64_t page = t.page_size;
-  FrameCodec codec{t.codec, t.level, t.shuffle, DTypeSize(t.dtype)};
+  FrameCodec codec{t.codec, t.level, t.shuffle, DTypeSize(t.dtype), p.min_ratio};
   uint32_t codec_key = static_cast<uint32_t>(t.codec) | (t.shuffle ? 2u : 0u) |
                        static_cast<uint32_t>(codec.elem_size << 8);
   // A batch: a few frames per thread, at most 128 MiB of input. Two batch

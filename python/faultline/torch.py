@@ -449,7 +449,7 @@ def _tensor_bytes(t: torch.Tensor):
 def save(obj: Union[nn.Module, Dict[str, torch.Tensor]], path: str, model_name: str = "model",
          metadata: Optional[Dict[str, Any]] = None, signature: Optional[Dict[str, Any]] = None,
          config: Optional[Dict[str, Any]] = None, version: str = "", codec: str = "zstd",
-         level: int = 3) -> Dict[str, Any]:
+         level: int = 3, min_ratio: float = 1.0) -> Dict[str, Any]:
     """Writes a bundle straight from torch tensors (every dtype, bf16 too).
 
     obj: a module (its state_dict) or a state dict. metadata: author,
@@ -457,7 +457,9 @@ def save(obj: Union[nn.Module, Dict[str, torch.Tensor]], path: str, model_name: 
     strings). signature: {'inputs': [{'name', 'dtype', 'shape'}], 'outputs': [...]}
     with dtypes as faultline names ('f32') and None or a name for a dynamic
     dimension. config: stored as the 'config' JSON blob (default: the
-    module's ``config`` attribute if it has ``to_dict()``)."""
+    module's ``config`` attribute if it has ``to_dict()``). min_ratio: a
+    frame is stored compressed only if it shrinks that many times, verbatim
+    (faster to load) otherwise; 1.0 keeps any saving."""
     if isinstance(obj, nn.Module):
         sd = obj.state_dict()
         if config is None and hasattr(obj, "config") and hasattr(obj.config, "to_dict"):
@@ -482,6 +484,6 @@ def save(obj: Union[nn.Module, Dict[str, torch.Tensor]], path: str, model_name: 
             continue
         data = _tensor_bytes(t)
         b.add_tensor(m, name, _TORCH_TO_FL[t.dtype], [int(s) for s in t.shape], data if len(data) else b"",
-                     codec, level, False)
+                     codec, level, False, float(min_ratio))
         seen[name] = data  # kept alive until build
     return b.build(str(path))

@@ -401,7 +401,7 @@ class Builder {
     return *models_[m];
   }
   void add_tensor(int m, const std::string& name, const std::string& dtype, const std::vector<uint64_t>& shape,
-                  const py::buffer& data, const std::string& codec, int level, bool shuffle) {
+                  const py::buffer& data, const std::string& codec, int level, bool shuffle, double min_ratio) {
     auto dt = ParseDType(dtype);
     if (!dt) throw py::value_error("dtype '" + dtype + "' is unknown");
     py::buffer_info info = data.request();
@@ -409,6 +409,7 @@ class Builder {
     if (!ParseCodec(codec, &o.codec)) throw py::value_error("codec '" + codec + "' is not zstd or raw");
     o.level = level;
     o.shuffle = shuffle;
+    o.min_ratio = min_ratio;
     keep_.push_back(data);  // the bytes must live until build()
     size_t n = static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize);
     model(m).AddTensor(name, *dt, shape, {static_cast<const std::byte*>(info.ptr), n}, o);
@@ -537,7 +538,8 @@ PYBIND11_MODULE(_native, m) {
       .def(py::init<>())
       .def("add_model", &Builder::add_model)
       .def("add_tensor", &Builder::add_tensor, py::arg("model"), py::arg("name"), py::arg("dtype"), py::arg("shape"),
-           py::arg("data"), py::arg("codec") = "zstd", py::arg("level") = 3, py::arg("shuffle") = false)
+           py::arg("data"), py::arg("codec") = "zstd", py::arg("level") = 3, py::arg("shuffle") = false,
+           py::arg("min_ratio") = 1.0)
       .def("set_metadata", &Builder::set_metadata)
       .def("set_info", &Builder::set_info)
       .def("set_version", &Builder::set_version)

@@ -2,6 +2,8 @@
 in one run, each in its own process (so peak RSS is its own):
 
   faultline   open(budget=model/4, policy='plan') + assign + PlanHooks
+  faultline-v the same, the bundle saved with min_ratio=1.2 (these weights
+              compress about 1.09x, so every frame is stored verbatim)
   torch.load  torch.load of a state dict + load_state_dict, fully resident
   safetensors safetensors.torch.load_file + load_state_dict (if installed)
 
@@ -13,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 try:
     import torch
@@ -42,7 +43,7 @@ def skeleton():
 x = torch.randn(batch, width)
 t0 = time.perf_counter()
 model = skeleton()
-if kind == "faultline":
+if kind.startswith("faultline"):
     size = layers * (width * width + width) * 4
     b = faultline.open(path, budget=size // 4, policy="plan")
     ft.assign(model, b.state_dict())
@@ -55,7 +56,7 @@ else:
 with torch.no_grad():
     y = model(x)
 first = time.perf_counter() - t0
-if kind == "faultline":
+if kind.startswith("faultline"):
     hooks.finish_recording()
 passes = []
 with torch.no_grad():
@@ -78,11 +79,12 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         import faultline.torch as ft
 
-        paths = {"faultline": os.path.join(d, "m.apbundle"), "torch": os.path.join(d, "m.pt"),
-                 "safetensors": os.path.join(d, "m.safetensors")}
+        paths = {"faultline": os.path.join(d, "m.apbundle"), "faultline-v": os.path.join(d, "v.apbundle"),
+                 "torch": os.path.join(d, "m.pt"), "safetensors": os.path.join(d, "m.safetensors")}
         ft.save(sd, paths["faultline"])
+        ft.save(sd, paths["faultline-v"], min_ratio=1.2)
         torch.save(sd, paths["torch"])
-        kinds = ["faultline", "torch"]
+        kinds = ["faultline", "faultline-v", "torch"]
         try:
             import safetensors.torch as st
 

@@ -161,6 +161,17 @@ def test_plan_recorded_from_forward_hooks_drives_prefetch(saved):
     hooks.remove()
 
 
+def test_save_stores_frames_that_barely_compress_verbatim_on_request(tmp_path):
+    sd = {"w": torch.nn.init.uniform_(torch.empty(512, 512))}  # compresses about 1.1x
+    packed = ft.save(sd, str(tmp_path / "z.apbundle"))
+    verbatim = ft.save(sd, str(tmp_path / "v.apbundle"), min_ratio=1.5)
+    assert packed["stored_bytes"] < 512 * 512 * 4
+    assert verbatim["stored_bytes"] == 512 * 512 * 4
+    assert torch.equal(faultline.open(str(tmp_path / "v.apbundle")).tensor("w"), sd["w"])
+    with pytest.raises(OSError, match="min_ratio"):
+        ft.save(sd, str(tmp_path / "bad.apbundle"), min_ratio=0.5)
+
+
 def test_a_plan_is_given_as_tensors_or_as_steps(saved):
     model, path = saved
     b = faultline.open(path, budget="1M", policy="plan")

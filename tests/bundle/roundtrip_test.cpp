@@ -6,6 +6,8 @@
 #include <sys/resource.h>
 #include <sys/wait.h>
 
+#include <cmath>
+
 #include "bundle/bundle_util.h"
 
 using namespace faultline;
@@ -94,6 +96,44 @@ TEST_CASE("odd sizes round-trip: empty tensor, one byte, one byte over a page") 
   CHECK(m.FindTensor("empty")->frame_count == 0);
   CHECK(m.FindTensor("scalar")->size == 8);
   CHECK(m.FindTensor("page_plus_one")->frame_count == 2);
+}
+
+TEST_CASE("frames that do not shrink min_ratio times are stored verbatim") {
+  TempDir dir;
+  auto stored_for = [&](double min_ratio) {
+    TensorOptions o;
+    o.shuffle = true;
+    o.min_ratio = min_ratio;
+    std::vector<Spec> specs = {MakeSpec("w", DType::kF32, {200000}, o, 4, true)};
+    std::string path = dir / "r.apbundle";
+    auto b = BuildBundle(path, "m", specs);
+    REQUIRE(b.ok());
+    CheckRoundTrip(path, specs);
+    auto r = BundleReader::Open(path);
+    const TensorInfo& t = (*r)->info().models[0].tensors[0];
+    uint64_t raw_frames = 0;
+    for (uint64_t f = 0; f < t.frame_count; f++)
+      raw_frames += FrameAt(path, t.first_frame + f).flags == internal::kFrameStoredRaw;
+    return std::pair{t.stored_size, raw_frames};
+  };
+  auto [any, any_raw] = stored_for(1.0);
+  CHECK(any < 800000);
+  CHECK(any_raw == 0);
+  double ratio = 800000.0 / static_cast<double>(any);
+  auto [high, high_raw] = stored_for(ratio * 2);  // no frame compresses that well
+  CHECK(high == 800000);
+  CHECK(high_raw == 13);
+  auto [low, low_raw] = stored_for(ratio / 2);
+  CHECK(low == any);
+  CHECK(low_raw == 0);
+  for (double bad : {0.5, std::nan(""), 1e300}) {
+    TensorOptions o;
+    o.min_ratio = bad;
+    auto r = BuildBundle(dir / "bad.apbundle", "m", {MakeSpec("w", DType::kF32, {10}, o)});
+    REQUIRE_FALSE(r.ok());
+    CHECK(std::string(r.status().message()).find("min_ratio") != std::string::npos);
+    CHECK(std::string(r.status().message()).find("tensor 'w'") != std::string::npos);
+  }
 }
 
 TEST_CASE("incompressible frames are stored verbatim and still read back") {

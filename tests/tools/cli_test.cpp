@@ -62,6 +62,15 @@ TEST_CASE("pack, inspect, verify and unpack round-trip a safetensors file") {
   CHECK_MESSAGE(r.status == 0, r.out);
   CHECK(r.out.find("OK") != std::string::npos);
 
+  // --min-ratio beyond what any frame reaches: every frame stored verbatim.
+  std::string verbatim = dir / "v.apbundle";
+  r = F("pack " + st + " -o " + verbatim + " --min-ratio 1000 -q");
+  REQUIRE_MESSAGE(r.status == 0, r.out);
+  r = F("inspect --json " + verbatim);
+  REQUIRE(r.status == 0);
+  auto jv = nlohmann::json::parse(r.out);
+  for (const auto& t : jv["models"][0]["tensors"]) CHECK(t["stored_size"] == t["size"]);
+
   r = F("unpack " + b + " -o " + (dir / "out"));
   REQUIRE_MESSAGE(r.status == 0, r.out);
   CHECK(ReadFileBytes(dir / "out/mymodel.safetensors") == ReadFileBytes(st));
@@ -128,6 +137,9 @@ TEST_CASE("usage mistakes exit 2 with a message on stderr") {
       {"pack a.safetensors -o x --page-size 3K", "--page-size must be"},
       {"pack a.safetensors -o x --page-size 128M", "--page-size must be"},
       {"pack a.safetensors -o x --threads 0", "--threads must be"},
+      {"pack a.safetensors -o x --min-ratio 0.9", "--min-ratio must be"},
+      {"pack a.safetensors -o x --min-ratio fast", "--min-ratio must be"},
+      {"pack a.safetensors -o x --min-ratio", "--min-ratio needs a number"},
       {"pack a.safetensors -o", "-o needs a path"},
       {"pack a.safetensors -o x --bogus", "unknown option --bogus"},
       {"inspect", "no bundle given"},
