@@ -99,6 +99,10 @@ void faultline_tensor_options_init(faultline_tensor_options* opts);
 
 /* Returns -errno on error, or zero on success. */
 int faultline_builder_new(faultline_builder** out);
+/* Tensors added from now on store a frame compressed only if it shrinks
+ * `min_ratio` times or more, verbatim otherwise (TensorOptions::min_ratio;
+ * default 1: any saving). -EINVAL below 1 or not a number. */
+int faultline_builder_set_min_ratio(faultline_builder* builder, double min_ratio);
 void faultline_builder_free(faultline_builder* builder);
 /* Adds a model; returns its index (>= 0) or -errno. */
 int faultline_builder_add_model(faultline_builder* builder, const char* name);

@@ -43,7 +43,7 @@ struct PendingObject {
 struct DedupKey {
   Hash128 hash;
   uint32_t raw_length;
-  uint32_t codec_key;  // codec, shuffle and element size
+  uint32_t codec_key;  // codec, shuffle, stored verbatim, element size
   bool operator==(const DedupKey&) const = default;
 };
 struct DedupKeyHash {
@@ -343,7 +343,9 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
       FL_RETURN_IF_ERROR(s.status.WithPrefix("tensor '%.64s' frame %llu", t.name.c_str(),
                                              static_cast<unsigned long long>(b.first + i)));
       uint32_t flen = static_cast<uint32_t>(std::min<uint64_t>(page, b.len - i * page));
-      DedupKey key{s.hash, flen, codec_key};
+      // A frame kept verbatim (min_ratio) is not shared with the same bytes
+      // stored compressed, nor the other way round.
+      DedupKey key{s.hash, flen, codec_key | ((s.flags & kFrameStoredRaw) ? 4u : 0u)};
       auto it = dedup_.find(key);
       sum->frames++;
       if (it != dedup_.end()) {

@@ -29,6 +29,7 @@ struct faultline_device {
 struct faultline_builder {
   BundleBuilder builder;
   std::vector<ModelBuilder*> models;
+  double min_ratio = 1.0;  // TensorOptions::min_ratio for tensors added from now on
 };
 
 namespace {
@@ -211,6 +212,13 @@ int faultline_builder_set_metadata(faultline_builder* b, int model, const char* 
   });
 }
 
+int faultline_builder_set_min_ratio(faultline_builder* b, double min_ratio) {
+  if (!b) return Fail(EINVAL, "NULL argument");
+  if (!(min_ratio >= 1.0 && min_ratio <= 1e9)) return Fail(EINVAL, "min_ratio must be a number of at least 1");
+  b->min_ratio = min_ratio;
+  return 0;
+}
+
 int faultline_builder_add_tensor(faultline_builder* b, int model, const char* name, int dtype,
                                  const uint64_t* shape, int ndim, const void* data, size_t len,
                                  const faultline_tensor_options* opts) {
@@ -221,6 +229,7 @@ int faultline_builder_add_tensor(faultline_builder* b, int model, const char* na
   if (dtype < 0 || dtype >= kDTypeCount) return Fail(EINVAL, "unknown dtype");
   if (ndim < 0 || ndim > 32) return Fail(EINVAL, "ndim must be 0-32");
   TensorOptions o;
+  o.min_ratio = b->min_ratio;
   if (opts) {
     if (opts->codec != FAULTLINE_CODEC_RAW && opts->codec != FAULTLINE_CODEC_ZSTD)
       return Fail(EINVAL, "unknown codec");

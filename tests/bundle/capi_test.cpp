@@ -76,12 +76,41 @@ TEST_CASE("C ABI errors are -errno with a message, never a crash") {
   char data[4] = {};
   CHECK(faultline_builder_add_tensor(b, 5, "w", FAULTLINE_DTYPE_U8, shape, 1, data, 4, nullptr) == -ERANGE);
   CHECK(faultline_builder_add_tensor(b, m, "w", 99, shape, 1, data, 4, nullptr) == -EINVAL);
+  CHECK(faultline_builder_set_min_ratio(b, 0.5) == -EINVAL);
+  CHECK(faultline_builder_set_min_ratio(nullptr, 2) == -EINVAL);
   CHECK(faultline_builder_add_tensor(b, m, "w", FAULTLINE_DTYPE_F32, shape, 1, data, 4, nullptr) == 0);
   CHECK(faultline_builder_build(b, (dir / "x.apbundle").c_str()) == -EINVAL);
   CHECK(std::string(faultline_last_error()).find("dtype and shape need 16") != std::string::npos);
   faultline_builder_free(b);
   CHECK(std::string(faultline_version()) == "0.1.0");
   CHECK(faultline_has_cuda() == (faultline::cuda::Available() ? 1 : 0));
+}
+
+TEST_CASE("the C ABI stores frames verbatim below a builder's min_ratio") {
+  TempDir dir;
+  std::string path = dir / "v.apbundle";
+  auto w = RandomBytes(4 * 65536, 5, true);
+  faultline_builder* b = nullptr;
+  REQUIRE(faultline_builder_new(&b) == 0);
+  int m = faultline_builder_add_model(b, "m");
+  uint64_t shape[] = {w.size()};
+  REQUIRE(faultline_builder_add_tensor(b, m, "packed", FAULTLINE_DTYPE_U8, shape, 1, w.data(), w.size(), nullptr) == 0);
+  REQUIRE(faultline_builder_set_min_ratio(b, 1000) == 0);
+  REQUIRE(faultline_builder_add_tensor(b, m, "verbatim", FAULTLINE_DTYPE_U8, shape, 1, w.data(), w.size(), nullptr) == 0);
+  REQUIRE(faultline_builder_build(b, path.c_str()) == 0);
+  faultline_builder_free(b);
+  faultline_reader* r = nullptr;
+  REQUIRE(faultline_reader_open(path.c_str(), &r) == 0);
+  faultline_tensor_info info;
+  info.struct_size = sizeof(info);
+  REQUIRE(faultline_reader_tensor_info(r, 0, 0, &info) == 0);
+  CHECK(info.stored_size < w.size());
+  REQUIRE(faultline_reader_tensor_info(r, 0, 1, &info) == 0);
+  CHECK(info.stored_size == w.size());
+  std::vector<std::byte> back(w.size());
+  REQUIRE(faultline_reader_read_tensor(r, 0, 1, back.data(), back.size()) == 0);
+  CHECK(back == w);
+  faultline_reader_close(r);
 }
 
 TEST_CASE("without a usable GPU the GPU tier says why instead of failing later") {
