@@ -168,13 +168,15 @@ int faultline_paged_advance(faultline_paged* paged, const char* model, const cha
  * library fills what both sides know and sets version. */
 typedef struct faultline_paging_stats {
   size_t struct_size;
-  uint32_t version;         /* 2 */
+  uint32_t version;         /* 3 */
   uint64_t faults, fault_waits, loads, prefetched, evictions, errors;
   uint64_t bytes_read, bytes_decompressed;
   uint64_t resident_bytes, peak_resident_bytes, budget_bytes;
   double latency_p50_us, latency_p90_us, latency_p99_us, latency_max_us;
   /* version 2: huge units (README: huge units) */
   uint64_t huge_installs, huge_recycled;
+  /* version 3 */
+  uint64_t huge_split;
 } faultline_paging_stats;
 
 int faultline_paged_stats(const faultline_paged* paged, faultline_paging_stats* out);

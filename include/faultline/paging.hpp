@@ -77,6 +77,7 @@ struct PagingStats {
   uint64_t bytes_decompressed = 0;
   uint64_t huge_installs = 0;   // huge units installed as one huge page (see README: huge units)
   uint64_t huge_recycled = 0;   // of those, moved back on eviction for the next unit to reuse
+  uint64_t huge_split = 0;      // of those, mapped as small pages after all (a page table was in the way)
   uint64_t resident_bytes = 0;
   uint64_t peak_resident_bytes = 0;
   uint64_t budget_bytes = 0;    // effective budget (at least two frames per worker)

@@ -357,7 +357,7 @@ int faultline_paged_stats(const faultline_paged* p, faultline_paging_stats* out)
   PagingStats s = p->bundle->stats();
   faultline_paging_stats full = {};
   full.struct_size = out->struct_size;
-  full.version = 2;
+  full.version = 3;
   full.faults = s.faults;
   full.fault_waits = s.fault_waits;
   full.loads = s.loads;
@@ -375,6 +375,7 @@ int faultline_paged_stats(const faultline_paged* p, faultline_paging_stats* out)
   full.latency_max_us = s.fault_latency.max_us;
   full.huge_installs = s.huge_installs;
   full.huge_recycled = s.huge_recycled;
+  full.huge_split = s.huge_split;
   memcpy(out, &full, std::min(out->struct_size, sizeof(full)));
   return 0;
 }

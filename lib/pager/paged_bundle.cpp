@@ -63,7 +63,8 @@ std::string PagingStats::ToString() const {
     << "  loads " << loads << " (prefetched before any touch: " << prefetched << "), evictions "
     << evictions << ", errors " << errors << "\n"
     << "  read " << FormatSize(bytes_read) << ", decompressed " << FormatSize(bytes_decompressed)
-    << ", huge pages installed " << huge_installs << " (reused " << huge_recycled << ")\n"
+    << ", huge pages installed " << huge_installs << " (reused " << huge_recycled << ", split " << huge_split
+    << ")\n"
     << "  resident " << FormatSize(resident_bytes) << ", peak " << FormatSize(peak_resident_bytes)
     << ", budget " << FormatSize(budget_bytes) << "\n";
   char buf[160];

@@ -89,7 +89,10 @@ void MovePool::Return(int32_t s, uint64_t moved) noexcept {
     full_.push_back(s);
     return;
   }
-  if (moved < size_) madvise(At(s), size_, MADV_DONTNEED);
+  // Drops what is left, and the page table a move of small pages leaves
+  // behind (freed once empty): a huge page moved into the hole later would
+  // be split over it.
+  madvise(At(s), size_, MADV_DONTNEED);
   holes_.push_back(s);
 }
 
@@ -1003,6 +1006,12 @@ void Engine::InstallUnit(Worker* w, std::vector<Load>& loads) {
     // A mapping that cannot take moves at all (mlocked, say): stop trying.
     if (rc == -EINVAL && moved == 0) units_.store(false, std::memory_order_relaxed);
     pmd = rc == 0 && recycle_.on() && HugeMapped(pagemap_.get(), base, huge_) == 1;
+    // A unit that went in as small pages (the huge page was split, or the
+    // slot had none) leaves an empty page table in the worker's slot; the
+    // slot's next fill would then fault small pages, and every later unit
+    // would go in split. Dropping the range frees the table.
+    if (rc == 0 && !pmd && recycle_.on()) counters_.huge_split.fetch_add(1, std::memory_order_relaxed);
+    if (!pmd && w->unit_recycled < 0) madvise(w->unit_slot, huge_, MADV_DONTNEED);
   }
   for (Load& l : loads) {
     if (!l.unit) continue;

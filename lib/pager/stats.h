@@ -22,7 +22,8 @@ namespace faultline::internal {
   X(bytes_read)                      \
   X(bytes_decompressed)              \
   X(huge_installs)                   \
-  X(huge_recycled)
+  X(huge_recycled)                   \
+  X(huge_split)
 
 struct PagerCounters {
 #define FL_DECLARE(name) std::atomic<uint64_t> name{0};

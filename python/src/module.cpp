@@ -168,6 +168,7 @@ class Bundle {
     d["bytes_decompressed"] = s.bytes_decompressed;
     d["huge_installs"] = s.huge_installs;
     d["huge_recycled"] = s.huge_recycled;
+    d["huge_split"] = s.huge_split;
     d["resident_bytes"] = s.resident_bytes;
     d["peak_resident_bytes"] = s.peak_resident_bytes;
     d["budget_bytes"] = s.budget_bytes;
