@@ -1009,9 +1009,23 @@ void Engine::InstallUnit(Worker* w, std::vector<Load>& loads) {
     // A unit that went in as small pages (the huge page was split, or the
     // slot had none) leaves an empty page table in the worker's slot; the
     // slot's next fill would then fault small pages, and every later unit
-    // would go in split. Dropping the range frees the table.
+    // would go in split. A fresh mapping has no page table (a recycle pool
+    // hole is dropped by Return, which frees it where the kernel reclaims
+    // empty page tables).
     if (rc == 0 && !pmd && recycle_.on()) counters_.huge_split.fetch_add(1, std::memory_order_relaxed);
-    if (!pmd && w->unit_recycled < 0) madvise(w->unit_slot, huge_, MADV_DONTNEED);
+    if (!pmd && w->unit_recycled < 0) {
+      void* map = nullptr;
+      uint64_t map_len = 0;
+      if (std::byte* fresh = MapAligned(huge_, huge_, &map, &map_len)) {
+        madvise(fresh, huge_, MADV_HUGEPAGE);
+        munmap(w->unit_map, w->unit_map_len);
+        w->unit_map = map;
+        w->unit_map_len = map_len;
+        w->unit_slot = fresh;
+      } else {
+        madvise(w->unit_slot, huge_, MADV_DONTNEED);  // no memory for a new one: frees the table where it can
+      }
+    }
   }
   for (Load& l : loads) {
     if (!l.unit) continue;
