@@ -98,6 +98,16 @@ uint64_t MappingField(const void* addr, const char* field) {
 
 uint64_t MappingRss(const void* addr) { return MappingField(addr, "Rss"); }
 
+// A counter from /proc/vmstat (0 where absent).
+uint64_t VmStat(const char* name) {
+  std::ifstream in("/proc/vmstat");
+  std::string key;
+  uint64_t value = 0;
+  while (in >> key >> value)
+    if (key == name) return value;
+  return 0;
+}
+
 // Waits until no load has landed for 50 ms.
 void Settle(PagedBundle& b) {
   for (int i = 0; i < 200; i++) {
@@ -347,20 +357,24 @@ TEST_CASE("a huge unit that had to go in as small pages does not make later unit
   (void)p[(3u << 20) * 2 + 70000];  // unit 3, frame 1: no stream yet, a frame alone
   Settle(**b);
   (*b)->DontNeed(big);
-  uint64_t split_before_last = 0, recycled_before_last = 0;
+  uint64_t split_before_last = 0, recycled_before_last = 0, fallbacks = 0;
   for (int pass = 0; pass < 4; pass++) {
     if (pass == 3) {
       split_before_last = (*b)->stats().huge_split;
       recycled_before_last = (*b)->stats().huge_recycled;
+      fallbacks = VmStat("thp_fault_fallback");
     }
     REQUIRE(ReadSequentially(big, specs[0]));
   }
   PagingStats st = (*b)->stats();
-  MESSAGE("huge installs ", st.huge_installs, ", split ", st.huge_split, ", recycled ", st.huge_recycled);
-  // At most unit 3's range can still split (where the kernel keeps the
-  // empty page table); every other unit of the last pass goes in whole.
-  CHECK(st.huge_split - split_before_last <= 1);
+  fallbacks = VmStat("thp_fault_fallback") - fallbacks;
+  MESSAGE("huge installs ", st.huge_installs, ", split ", st.huge_split, ", recycled ", st.huge_recycled,
+          "; huge page faults that got small pages meanwhile (any process): ", fallbacks);
   CHECK(st.huge_recycled > recycled_before_last);
+  // At most unit 3's range can still split (where the kernel keeps the
+  // empty page table); every other unit of the last pass goes in whole,
+  // unless the kernel had no huge page to give a slot at the time.
+  if (fallbacks == 0) CHECK(st.huge_split - split_before_last <= 1);
 }
 
 TEST_CASE("huge units can be turned off, and small budgets never use them") {
