@@ -22,6 +22,11 @@ constexpr int kMaxEngines = 64;
 // have; the handler and GuardRegister ignore (and reuse) them.
 std::atomic<Engine*> g_engines[kMaxEngines];
 std::atomic<pid_t> g_pids[kMaxEngines];
+// Threads inside the handler for a slot, counted before the slot's engine
+// is read: an engine being destroyed waits for them (GuardDrain) before it
+// frees what they use; a slot being drained is not reused.
+std::atomic<int> g_inflight[kMaxEngines];
+std::atomic<bool> g_draining[kMaxEngines];
 std::mutex g_mu;
 int g_users = 0;
 struct sigaction g_previous;
@@ -52,12 +57,17 @@ void Handler(int sig, siginfo_t* info, void* uctx) {
   if (!IsWrite(uctx)) {
     pid_t self = getpid();
     for (int i = 0; i < kMaxEngines; i++) {
-      Engine* e = g_engines[i].load(std::memory_order_acquire);
+      if (!g_engines[i].load(std::memory_order_relaxed)) continue;
+      g_inflight[i].fetch_add(1);  // before the engine is read (seq_cst, against GuardUnregister's store)
+      Engine* e = g_engines[i].load();
       if (e && g_pids[i].load(std::memory_order_relaxed) == self && e->Owns(info->si_addr)) {
-        if (!e->GuardFault(info->si_addr)) break;
+        bool served = e->GuardFault(info->si_addr);
+        g_inflight[i].fetch_sub(1);
+        if (!served) break;
         errno = saved;
         return;
       }
+      g_inflight[i].fetch_sub(1);
     }
   }
   errno = saved;
@@ -70,11 +80,15 @@ Status GuardRegister(Engine* e) {
   std::lock_guard<std::mutex> lock(g_mu);
   int free_slot = -1;
   pid_t self = getpid();
-  for (int i = 0; i < kMaxEngines; i++)
-    if (!g_engines[i].load() || g_pids[i].load() != self) {
+  for (int i = 0; i < kMaxEngines; i++) {
+    // A slot inherited from the parent (a fork child) is free whatever its
+    // counts say: the threads they counted do not exist here.
+    bool inherited = g_pids[i].load() != self;
+    if (inherited || (!g_engines[i].load() && !g_draining[i].load())) {
       free_slot = i;
       break;
     }
+  }
   if (free_slot < 0) return Status::Error(EMFILE, "more than %d bundles open in guard mode", kMaxEngines);
   if (g_users++ == 0) {
     struct sigaction sa = {};
@@ -87,20 +101,31 @@ Status GuardRegister(Engine* e) {
     }
   }
   g_engines[free_slot].store(nullptr, std::memory_order_release);
+  g_inflight[free_slot].store(0);
+  g_draining[free_slot].store(false);
   g_pids[free_slot].store(self, std::memory_order_relaxed);
   g_engines[free_slot].store(e, std::memory_order_release);
   return Status::Ok();
 }
 
-void GuardUnregister(Engine* e) {
+int GuardUnregister(Engine* e) {
   std::lock_guard<std::mutex> lock(g_mu);
-  bool found = false;
-  for (auto& slot : g_engines)
-    if (slot.load() == e) {
-      slot.store(nullptr, std::memory_order_release);
-      found = true;
+  int found = -1;
+  for (int i = 0; i < kMaxEngines; i++)
+    if (g_engines[i].load() == e) {
+      g_draining[i].store(true);
+      g_engines[i].store(nullptr);  // seq_cst: a handler counted after this sees no engine
+      found = i;
     }
-  if (found && --g_users == 0) sigaction(SIGSEGV, &g_previous, nullptr);
+  if (found >= 0 && --g_users == 0) sigaction(SIGSEGV, &g_previous, nullptr);
+  return found;
+}
+
+void GuardDrain(int slot) {
+  if (slot < 0 || slot >= kMaxEngines) return;
+  while (g_inflight[slot].load() != 0) usleep(100);
+  std::lock_guard<std::mutex> lock(g_mu);
+  g_draining[slot].store(false);
 }
 
 }  // namespace faultline::internal

@@ -370,7 +370,7 @@ Engine::~Engine() {
     // are served by the workers still running.
     mprotect(view_, reserve_len_, PROT_NONE);
   }
-  if (mode_ == PagingMode::kGuard) GuardUnregister(this);
+  const int guard_slot = mode_ == PagingMode::kGuard ? GuardUnregister(this) : -1;
   stopping_.store(true);
   if (wake_fd_.valid()) {
     uint64_t one = 1;
@@ -383,6 +383,9 @@ Engine::~Engine() {
       frames_[f].state.store(kClosed);
       if (mode_ == PagingMode::kGuard) FutexWakeAll(&frames_[f].state);
     }
+  // Threads still in the SIGSEGV handler for this engine return once they
+  // see their frame closed; nothing they read may be freed before.
+  GuardDrain(guard_slot);
   if (uffd_ && view_) {
     (void)uffd_->Unregister(view_, reserve_len_);
   }

@@ -301,6 +301,11 @@ class Engine {
 
 // Guard mode: routes SIGSEGV in registered ranges to their engine.
 Status GuardRegister(Engine* e);
-void GuardUnregister(Engine* e);
+// Takes `e` out of the registry (new faults in its ranges go to the
+// previous handler); returns its slot for GuardDrain, or -1.
+int GuardUnregister(Engine* e);
+// Waits until no thread is inside the handler for `slot` (after the
+// engine woke every frame's waiters), then frees the slot for reuse.
+void GuardDrain(int slot);
 
 }  // namespace faultline::internal
