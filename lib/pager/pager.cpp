@@ -84,15 +84,12 @@ int32_t MovePool::Take() noexcept {
   return s;
 }
 
-void MovePool::Return(int32_t s, uint64_t moved) noexcept {
+void MovePool::Return(int32_t s, uint64_t moved, bool split) noexcept {
   if (moved == 0) {
     full_.push_back(s);
     return;
   }
-  // Drops what is left, and the page table a move of small pages leaves
-  // behind (freed once empty): a huge page moved into the hole later would
-  // be split over it.
-  madvise(At(s), size_, MADV_DONTNEED);
+  if (moved < size_ || split) madvise(At(s), size_, MADV_DONTNEED);
   holes_.push_back(s);
 }
 
@@ -262,11 +259,7 @@ Status Engine::Start() {
     w->shuffle.resize(max_page_);
     w->loads.reserve(kBatch + unit_frames);
     w->ops.reserve(kBatch + unit_frames);
-    if (units) {
-      w->unit_slot = MapAligned(huge_, huge_, &w->unit_map, &w->unit_map_len);
-      if (w->unit_slot) madvise(w->unit_slot, huge_, MADV_HUGEPAGE);
-      else units = false;
-    }
+    if (units && !MapUnitSlot(w.get())) units = false;
     workers_.push_back(std::move(w));
   }
   // Faults on the region then take the huge-page path (the huge zero page
@@ -429,7 +422,7 @@ void Engine::WorkerLoop(Worker* w) {
       std::unique_lock<std::mutex> lock(mu_);
       // Loads that must happen (Pin): demand semantics, budget permitting or not.
       while (w->loads.size() < kBatch && !forced_q_.empty()) {
-        uint64_t f = forced_q_.Pop() >> 1;
+        uint64_t f = forced_q_.Pop();
         if (frames_[f].state.load(std::memory_order_acquire) != kAbsent) continue;
         if (ClaimUnitLocked(w, f, false, false, w->loads)) continue;
         ReserveLocked(f, FramePage(f), false);
@@ -981,6 +974,22 @@ int Engine::CopyRest(std::byte* dst, const std::byte* src, uint64_t len, uint64_
   return rc;
 }
 
+// Gives the worker a fresh unit slot (a mapping with no page table, whose
+// first fill faults a huge page), replacing the one it had; false where no
+// memory can be had (the old slot, if any, stays).
+bool Engine::MapUnitSlot(Worker* w) {
+  void* map = nullptr;
+  uint64_t map_len = 0;
+  std::byte* slot = MapAligned(huge_, huge_, &map, &map_len);
+  if (!slot) return false;
+  madvise(slot, huge_, MADV_HUGEPAGE);
+  if (w->unit_map) munmap(w->unit_map, w->unit_map_len);
+  w->unit_map = map;
+  w->unit_map_len = map_len;
+  w->unit_slot = slot;
+  return true;
+}
+
 // Where the worker's unit is decoded: a recycled huge page, or its own slot.
 std::byte* Engine::UnitSource(const Worker* w) const {
   return w->unit_recycled >= 0 ? recycle_.At(w->unit_recycled) : w->unit_slot;
@@ -1001,34 +1010,24 @@ void Engine::InstallUnit(Worker* w, std::vector<Load>& loads) {
     }
   const bool whole = decoded == t.unit_frames;
   uint64_t moved = 0;
-  bool pmd = false;
+  bool pmd = false, split = false;
   if (whole) {
     int rc = uffd_->Move(base, UnitSource(w), huge_, true, &moved);
     if (rc == -EAGAIN && moved == 0) rc = uffd_->Move(base, UnitSource(w), huge_, true, &moved);
     if (rc == 0) counters_.huge_installs.fetch_add(1, std::memory_order_relaxed);
     // A mapping that cannot take moves at all (mlocked, say): stop trying.
     if (rc == -EINVAL && moved == 0) units_.store(false, std::memory_order_relaxed);
-    pmd = rc == 0 && recycle_.on() && HugeMapped(pagemap_.get(), base, huge_) == 1;
-    // A unit that went in as small pages (the huge page was split, or the
-    // slot had none) leaves an empty page table in the worker's slot; the
-    // slot's next fill would then fault small pages, and every later unit
-    // would go in split. A fresh mapping has no page table (a recycle pool
-    // hole is dropped by Return, which frees it where the kernel reclaims
-    // empty page tables).
-    if (rc == 0 && !pmd && recycle_.on()) counters_.huge_split.fetch_add(1, std::memory_order_relaxed);
-    if (!pmd && w->unit_recycled < 0) {
-      void* map = nullptr;
-      uint64_t map_len = 0;
-      if (std::byte* fresh = MapAligned(huge_, huge_, &map, &map_len)) {
-        madvise(fresh, huge_, MADV_HUGEPAGE);
-        munmap(w->unit_map, w->unit_map_len);
-        w->unit_map = map;
-        w->unit_map_len = map_len;
-        w->unit_slot = fresh;
-      } else {
-        madvise(w->unit_slot, huge_, MADV_DONTNEED);  // no memory for a new one: frees the table where it can
-      }
-    }
+    const int mapped = rc == 0 && pagemap_.valid() ? HugeMapped(pagemap_.get(), base, huge_) : -1;
+    pmd = mapped == 1 && recycle_.on();
+    if (mapped == 0) counters_.huge_split.fetch_add(1, std::memory_order_relaxed);
+    // Pages that left the slot as small pages (the huge page was split over
+    // a page table at the destination, or the move stopped part way) leave
+    // an empty page table in the slot; its next fill would fault small
+    // pages, and every later unit would go in split. A fresh slot has none;
+    // a recycle-pool hole is dropped by Return, which frees the table where
+    // the kernel reclaims empty ones.
+    split = moved > 0 && (rc != 0 || mapped == 0);
+    if (split && w->unit_recycled < 0 && !MapUnitSlot(w)) madvise(w->unit_slot, huge_, MADV_DONTNEED);
   }
   for (Load& l : loads) {
     if (!l.unit) continue;
@@ -1050,7 +1049,7 @@ void Engine::InstallUnit(Worker* w, std::vector<Load>& loads) {
       MarkResidentLocked(l.frame);
     }
     // After the copies above, which may still read the slot.
-    if (w->unit_recycled >= 0) recycle_.Return(w->unit_recycled, moved);
+    if (w->unit_recycled >= 0) recycle_.Return(w->unit_recycled, moved, split);
   }
   loaded_cv_.notify_all();
 }
@@ -1133,7 +1132,7 @@ Status Engine::Pin(uint32_t t) {
   // has drained) and wakes the workers.
   auto queue_absent = [&] {
     for (uint64_t k = 0; k < ts.frames; k++)
-      if (frames_[ts.first_frame + k].state.load() == kAbsent && !forced_q_.Push((ts.first_frame + k) << 1 | 1)) break;
+      if (frames_[ts.first_frame + k].state.load() == kAbsent && !forced_q_.Push(ts.first_frame + k)) break;
     if (!forced_q_.empty()) Wake();
   };
   queue_absent();

@@ -131,8 +131,10 @@ class MovePool {
   // A slot holding pages, or -1.
   int32_t Take() noexcept;
   // A slot back after `moved` bytes moved out of it: still full when none
-  // did, a hole when any did (a part left behind is dropped).
-  void Return(int32_t s, uint64_t moved) noexcept;
+  // did, a hole when any did (a part left behind is dropped, and so is the
+  // whole slot when its pages left `split`: as small pages, whose empty
+  // page table would split the next huge page moved in).
+  void Return(int32_t s, uint64_t moved, bool split = false) noexcept;
   // Moves `len` (at most a slot) bytes at `src` into a hole; the bytes moved
   // (a part is dropped from the slot, which stays a hole; the caller drops
   // what is left at `src`).
@@ -213,6 +215,7 @@ class Engine {
   void RunLoads(Worker* w, std::vector<Load>& loads);
   void InstallUnit(Worker* w, std::vector<Load>& loads);
   std::byte* UnitSource(const Worker* w) const;
+  bool MapUnitSlot(Worker* w);
   void CountLoad(const Load& l);
   int CopyRest(std::byte* dst, const std::byte* src, uint64_t len, uint64_t done);
   bool ReserveLocked(uint64_t f, uint64_t bytes, bool optional);
