@@ -11,6 +11,7 @@
 #include "faultline/bundle.hpp"
 #include "faultline/cuda.hpp"
 #include "faultline/paging.hpp"
+#include "pager/stats.h"
 
 using namespace faultline;
 
@@ -358,14 +359,9 @@ int faultline_paged_stats(const faultline_paged* p, faultline_paging_stats* out)
   faultline_paging_stats full = {};
   full.struct_size = out->struct_size;
   full.version = 3;
-  full.faults = s.faults;
-  full.fault_waits = s.fault_waits;
-  full.loads = s.loads;
-  full.prefetched = s.prefetched;
-  full.evictions = s.evictions;
-  full.errors = s.errors;
-  full.bytes_read = s.bytes_read;
-  full.bytes_decompressed = s.bytes_decompressed;
+#define FL_COPY(name) full.name = s.name;
+  FAULTLINE_PAGING_COUNTERS(FL_COPY)  // the C struct has a field of the same name for each
+#undef FL_COPY
   full.resident_bytes = s.resident_bytes;
   full.peak_resident_bytes = s.peak_resident_bytes;
   full.budget_bytes = s.budget_bytes;
@@ -373,9 +369,6 @@ int faultline_paged_stats(const faultline_paged* p, faultline_paging_stats* out)
   full.latency_p90_us = s.fault_latency.p90_us;
   full.latency_p99_us = s.fault_latency.p99_us;
   full.latency_max_us = s.fault_latency.max_us;
-  full.huge_installs = s.huge_installs;
-  full.huge_recycled = s.huge_recycled;
-  full.huge_split = s.huge_split;
   memcpy(out, &full, std::min(out->struct_size, sizeof(full)));
   return 0;
 }

@@ -18,6 +18,7 @@
 #include "faultline/cuda.hpp"
 #include "faultline/paging.hpp"
 #include "faultline/size.hpp"
+#include "pager/stats.h"
 
 namespace py = pybind11;
 using namespace faultline;
@@ -158,17 +159,9 @@ class Bundle {
   py::dict stats() const {
     PagingStats s = get().stats();
     py::dict d;
-    d["faults"] = s.faults;
-    d["fault_waits"] = s.fault_waits;
-    d["loads"] = s.loads;
-    d["prefetched"] = s.prefetched;
-    d["evictions"] = s.evictions;
-    d["errors"] = s.errors;
-    d["bytes_read"] = s.bytes_read;
-    d["bytes_decompressed"] = s.bytes_decompressed;
-    d["huge_installs"] = s.huge_installs;
-    d["huge_recycled"] = s.huge_recycled;
-    d["huge_split"] = s.huge_split;
+#define FL_PUT(name) d[#name] = s.name;
+    FAULTLINE_PAGING_COUNTERS(FL_PUT)
+#undef FL_PUT
     d["resident_bytes"] = s.resident_bytes;
     d["peak_resident_bytes"] = s.peak_resident_bytes;
     d["budget_bytes"] = s.budget_bytes;

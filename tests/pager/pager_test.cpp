@@ -539,8 +539,7 @@ TEST_CASE("plan-aware eviction keeps more of a cyclic pass than LRU") {
   TempDir dir;
   std::string path = dir / "m.apbundle";
   auto specs = MakeModel(path, 6);
-  uint64_t weights = 0;
-  for (const auto& s : specs) weights += s.data.size();
+  const uint64_t weights = TotalBytes(specs);
   auto loads_for = [&](EvictionPolicy policy) {
     PagingConfig c = Config(weights / 2, policy, 1);
     c.prefetch_depth = 0;
@@ -568,8 +567,7 @@ TEST_CASE("a plan in steps keeps a layer's tensors together while it runs") {
   TempDir dir;
   std::string path = dir / "m.apbundle";
   auto specs = MakeModel(path, 6);
-  uint64_t weights = 0;
-  for (const auto& s : specs) weights += s.data.size();
+  const uint64_t weights = TotalBytes(specs);
   // Returns {all loads, loads during second reads}.
   auto loads_for = [&](bool steps) {
     PagingConfig c = Config(weights / 3, EvictionPolicy::kPlan, 1);
