@@ -59,6 +59,19 @@ struct AllocStats {
   std::string ToString() const;
 };
 
+// What a byte range of managed memory holds now (ManagedRegion::Usage):
+// resident + spilled + zero = the range's length. Chunks are counted by
+// the bytes of them inside the range; faults and evictions by the chunks
+// that overlap it.
+struct RangeUsage {
+  uint64_t resident_bytes = 0;  // in memory (written, clean, or being read or written out)
+  uint64_t spilled_bytes = 0;   // only on disk
+  uint64_t stored_bytes = 0;    // what those take in the spill file (after compression)
+  uint64_t zero_bytes = 0;      // never written, or dropped as all zeros: neither memory nor disk
+  uint64_t faults = 0;          // first touches and loads back from disk
+  uint64_t evictions = 0;       // chunks written out or dropped
+};
+
 // The process-wide heap (created on first use from AllocConfig::
 // FromEnvironment()). Sizes below the threshold, and every size where
 // userfaultfd is not allowed, come from the system allocator. nullptr (and
@@ -102,6 +115,9 @@ class ManagedRegion {
   void* data() const noexcept { return data_; }
   size_t size() const noexcept { return size_; }
   AllocStats stats() const;
+  // Where [offset, offset + len) of the region is now. EINVAL when the
+  // range is not inside the region.
+  Result<RangeUsage> Usage(size_t offset, size_t len) const;
   internal::AllocEngine& engine() noexcept { return *engine_; }  // internal (tests)
 
  private:

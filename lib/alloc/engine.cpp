@@ -96,6 +96,8 @@ struct AllocEngine::Chunk {
   uint32_t stored = 0;    // kChunk = stored uncompressed
   uint64_t offset = 0;
   uint64_t checksum = 0;
+  uint32_t faults = 0;     // first touches and loads (RangeUsage)
+  uint32_t evictions = 0;  // written out or dropped
   Chunk* prev = nullptr;
   Chunk* next = nullptr;
   Block* block = nullptr;
@@ -238,7 +240,7 @@ void AllocEngine::Serve() {
 
 // ---- faults ----
 
-AllocEngine::Block* AllocEngine::Find(uintptr_t addr) {
+AllocEngine::Block* AllocEngine::Find(uintptr_t addr) const {
   auto it = blocks_.upper_bound(addr);
   if (it == blocks_.begin()) return nullptr;
   --it;
@@ -340,6 +342,7 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
       }
       c->state = CState::kDirty;
       st_.zero_fills++;
+      c->faults++;
       st_.resident_bytes += kChunk;
       st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);
       LinkResident(c);
@@ -396,6 +399,7 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
     RawMadvise(at, kChunk, MADV_DONTNEED);
     c->state = CState::kSpilled;
     st_.clean_drops++;
+    c->evictions++;
     return true;
   }
   c->state = CState::kEvicting;
@@ -455,6 +459,7 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
     return false;
   }
   RawMadvise(at, kChunk, MADV_DONTNEED);
+  c->evictions++;
   if (zero) {
     FreeExtent(c, true);  // a stale extent from an earlier spill
     c->state = CState::kZero;
@@ -529,6 +534,7 @@ void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c) {
   (void)rc;  // EEXIST cannot happen: only this thread installs a loading chunk
   c->state = CState::kClean;
   st_.loads++;
+  c->faults++;
   LinkResident(c);
   KickEvictor();
   if (c->waiters) {
@@ -899,6 +905,48 @@ void* AllocEngine::Reallocate(void* p, size_t size) noexcept {
 AllocStats AllocEngine::stats() const noexcept {
   std::lock_guard lk(mu_);
   return st_;
+}
+
+RangeUsage AllocEngine::Usage(const void* addr, size_t len) const noexcept {
+  RangeUsage u;
+  uintptr_t lo = reinterpret_cast<uintptr_t>(addr);
+  uintptr_t hi = len > UINTPTR_MAX - lo ? UINTPTR_MAX : lo + len;
+  std::lock_guard lk(mu_);
+  for (auto it = blocks_.upper_bound(lo); lo < hi;) {
+    // The block holding lo, or the next one after it.
+    if (it != blocks_.begin() && std::prev(it)->second->base + std::prev(it)->second->mapped > lo) --it;
+    if (it == blocks_.end()) break;
+    const Block* b = it->second.get();
+    uintptr_t from = std::max(lo, b->base), to = std::min<uintptr_t>(hi, b->base + b->mapped);
+    for (size_t i = (from - b->base) / kChunk; from < to; ++i) {
+      const Chunk& c = b->chunks[i];
+      uintptr_t end = std::min<uintptr_t>(to, b->base + (i + 1) * kChunk);
+      uint64_t n = end - from;
+      switch (c.state) {
+        case CState::kUntouched:
+        case CState::kZero:
+          u.zero_bytes += n;
+          break;
+        case CState::kSpilled:
+        case CState::kError:
+          u.spilled_bytes += n;
+          u.stored_bytes += c.stored * n / kChunk;
+          break;
+        case CState::kDirty:
+        case CState::kClean:
+        case CState::kLoading:
+        case CState::kEvicting:
+          u.resident_bytes += n;
+          break;
+      }
+      u.faults += c.faults;
+      u.evictions += c.evictions;
+      from = end;
+    }
+    lo = std::max(lo, b->base + b->mapped);
+    it = blocks_.upper_bound(lo);
+  }
+  return u;
 }
 
 int AllocEngine::spill_fd() const noexcept {

@@ -87,6 +87,9 @@ class AllocEngine {
   // the kernel.
   int Advise(void* addr, size_t len, int advice) noexcept;
   AllocStats stats() const noexcept;
+  // Sums what the chunks of [addr, addr + len) hold; bytes outside every
+  // block count nowhere.
+  RangeUsage Usage(const void* addr, size_t len) const noexcept;
   const AllocConfig& config() const noexcept { return config_; }
 
   // For tests: the descriptor of the current spill file, and where chunk
@@ -108,7 +111,7 @@ class AllocEngine {
   void MakeRoom(std::unique_lock<std::mutex>& lk);
   bool Evict(std::unique_lock<std::mutex>& lk, Chunk* c);
   void Load(std::unique_lock<std::mutex>& lk, Chunk* c);
-  Block* Find(uintptr_t addr);
+  Block* Find(uintptr_t addr) const;
   Block* BlockAt(const void* p, const char* call);  // aborts on a wild pointer
   std::unique_ptr<Block> NewBlock(uintptr_t base, size_t size, size_t mapped);  // nullptr: no memory
   bool MapFresh(uintptr_t base, size_t len);  // private anonymous read-write pages there

@@ -181,4 +181,11 @@ ManagedRegion::~ManagedRegion() = default;
 
 AllocStats ManagedRegion::stats() const { return engine_->stats(); }
 
+Result<RangeUsage> ManagedRegion::Usage(size_t offset, size_t len) const {
+  if (offset > size_ || len > size_ - offset)
+    return Status::Error(EINVAL, "bytes [%zu, +%zu) are not inside the managed region of %zu bytes", offset, len,
+                         size_);
+  return engine_->Usage(static_cast<const char*>(data_) + offset, len);
+}
+
 }  // namespace faultline

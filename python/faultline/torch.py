@@ -374,11 +374,19 @@ class OffloadManager:
 
     def summary(self) -> Dict[str, Any]:
         """Managed and resident bytes, spill and fault counters, and per module
-        the bytes managed there."""
+        (by name, '<root>' for the model itself) where its managed
+        parameters are: managed_bytes, resident_bytes, spilled_bytes (only
+        on disk), stored_bytes (their size in the spill file), zero_bytes
+        (never written), faults and evictions."""
         st = self._region.stats() if self._region else {}
-        per: Dict[str, int] = {}
-        for mname, _, _, _, _, nbytes in self._layout:
-            per[mname or "<root>"] = per.get(mname or "<root>", 0) + nbytes
+        per: Dict[str, Dict[str, int]] = {}
+        for mname, _, _, _, off, nbytes in self._layout:
+            m = per.setdefault(mname or "<root>", {"managed_bytes": 0, "resident_bytes": 0, "spilled_bytes": 0,
+                                                   "stored_bytes": 0, "zero_bytes": 0, "faults": 0,
+                                                   "evictions": 0})
+            m["managed_bytes"] += nbytes
+            for k, v in self._region.usage(off, nbytes).items():
+                m[k] += v
         return {
             "managed_parameters": len(self._layout),
             "managed_bytes": self.managed_bytes,

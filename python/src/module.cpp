@@ -351,6 +351,17 @@ class Region {
   size_t size() const { return r_->size(); }
   uintptr_t address() const { return reinterpret_cast<uintptr_t>(r_->data()); }
   py::dict stats() const { return AllocStatsDict(r_->stats()); }
+  py::dict usage(size_t offset, size_t len) const {
+    RangeUsage u = Take(r_->Usage(offset, len));
+    py::dict d;
+    d["resident_bytes"] = u.resident_bytes;
+    d["spilled_bytes"] = u.spilled_bytes;
+    d["stored_bytes"] = u.stored_bytes;
+    d["zero_bytes"] = u.zero_bytes;
+    d["faults"] = u.faults;
+    d["evictions"] = u.evictions;
+    return d;
+  }
 
  private:
   std::shared_ptr<ManagedRegion> r_;
@@ -526,7 +537,8 @@ PYBIND11_MODULE(_native, m) {
       .def("buffer", &Region::buffer)
       .def_property_readonly("size", &Region::size)
       .def_property_readonly("address", &Region::address)
-      .def("stats", &Region::stats);
+      .def("stats", &Region::stats)
+      .def("usage", &Region::usage, py::arg("offset"), py::arg("length"));
 
   py::class_<Builder>(m, "Builder")
       .def(py::init<>())

@@ -199,7 +199,18 @@ def test_offload_a_live_model_under_a_budget(tmp_path):
     assert s["managed_parameters"] == 8
     assert s["peak_resident_bytes"] <= total // 4
     assert s["spilled_bytes"] > 0 and s["faults"] > 0 and s["evictions"] > 0
-    assert s["per_module"]["0"] == 512 * 512 * 4
+    per = s["per_module"]
+    assert sorted(per, key=int) == [str(3 * i) for i in range(8)]  # the Linear layers
+    for m in per.values():
+        assert m["managed_bytes"] == 512 * 512 * 4
+        assert m["resident_bytes"] + m["spilled_bytes"] + m["zero_bytes"] == m["managed_bytes"]
+        assert m["zero_bytes"] == 0 and m["faults"] >= 16  # copied in at offload: every chunk written
+    assert sum(m["resident_bytes"] for m in per.values()) == s["resident_bytes"]
+    assert sum(m["faults"] for m in per.values()) == s["faults"]
+    assert sum(m["evictions"] for m in per.values()) == s["evictions"]
+    # The pass ended in the last layer: it is in memory, the first one on disk.
+    assert per["21"]["resident_bytes"] == 512 * 512 * 4
+    assert per["0"]["spilled_bytes"] > 0 and 0 < per["0"]["stored_bytes"] <= per["0"]["spilled_bytes"]
     # Training still works on managed parameters.
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss = model(x).square().mean()

@@ -266,6 +266,52 @@ TEST_CASE("memory whose spill could not fit in the spill directory is refused wi
   }
 }
 
+TEST_CASE("usage of a byte range: resident, spilled and zero bytes, faults and evictions of its chunks") {
+  const size_t chunk = 64 << 10, size = 64 * chunk;
+  auto r = ManagedRegion::Create(size, Config(8 * chunk));
+  REQUIRE(r.ok());
+  auto* p = static_cast<uint8_t*>((*r)->data());
+  auto usage = [&](size_t off, size_t len) {
+    auto u = (*r)->Usage(off, len);
+    REQUIRE(u.ok());
+    CHECK(u->resident_bytes + u->spilled_bytes + u->zero_bytes == len);
+    return *u;
+  };
+  RangeUsage u = usage(0, size);
+  CHECK(u.zero_bytes == size);
+  CHECK(u.faults == 0);
+  // Write the first half (32 chunks through a budget of 8): most of it
+  // spills; the second half stays untouched.
+  for (size_t i = 0; i < size / 2; i += 4096) memset(p + i, static_cast<int>(1 + i / chunk), 4096);
+  RangeUsage first = usage(0, size / 2), second = usage(size / 2, size / 2);
+  CHECK(second.zero_bytes == size / 2);
+  CHECK(second.faults == 0);
+  CHECK(first.faults == 32);
+  CHECK(first.resident_bytes <= 8 * chunk);
+  CHECK(first.spilled_bytes >= 20 * chunk);
+  CHECK(first.evictions >= 20);
+  CHECK(first.stored_bytes > 0);
+  CHECK(first.stored_bytes < first.spilled_bytes);  // one byte value per chunk: compresses
+  // Reading chunk 0 back brings it in: one more fault there, resident now.
+  CHECK(p[100] == 1);
+  RangeUsage c0 = usage(0, chunk);
+  CHECK(c0.resident_bytes == chunk);
+  CHECK(c0.faults == 2);
+  CHECK(c0.evictions == 1);
+  // Part of a chunk counts by its bytes; the whole region sums the same.
+  CHECK(usage(100, 1000).resident_bytes == 1000);
+  RangeUsage all = usage(0, size);
+  CHECK(all.faults == first.faults + 1);
+  CHECK(all.zero_bytes == size / 2);
+  CHECK(usage(size, 0).zero_bytes == 0);
+  // A range outside the region is named.
+  auto bad = (*r)->Usage(size - 10, 11);
+  REQUIRE(!bad.ok());
+  CHECK(bad.status().code() == EINVAL);
+  CHECK(std::string(bad.status().message()).find("not inside the managed region") != std::string::npos);
+  CHECK((*r)->Usage(SIZE_MAX, 2).status().code() == EINVAL);
+}
+
 TEST_CASE("bad arguments get errors") {
   CHECK(ManagedRegion::Create(0, Config(1 << 20)).status().code() == EINVAL);
   AllocConfig c = Config(1 << 20);
