@@ -64,8 +64,8 @@ struct AllocStats {
 // the bytes of them inside the range; faults and evictions by the chunks
 // that overlap it.
 struct RangeUsage {
-  uint64_t resident_bytes = 0;  // in memory (written, clean, or being read or written out)
-  uint64_t spilled_bytes = 0;   // only on disk
+  uint64_t resident_bytes = 0;  // in memory and in the budget (written, clean, or being read in)
+  uint64_t spilled_bytes = 0;   // on disk only, or being written there (out of the budget)
   uint64_t stored_bytes = 0;    // what those take in the spill file (after compression)
   uint64_t zero_bytes = 0;      // never written, or dropped as all zeros: neither memory nor disk
   uint64_t faults = 0;          // first touches and loads back from disk

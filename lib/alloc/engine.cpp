@@ -495,6 +495,7 @@ void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c) {
     return;
   }
   c->state = CState::kLoading;
+  c->faults++;  // now: the install wakes the faulting thread before the lock is taken again
   in_flight_++;
   st_.resident_bytes += kChunk;
   st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);
@@ -534,7 +535,6 @@ void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c) {
   (void)rc;  // EEXIST cannot happen: only this thread installs a loading chunk
   c->state = CState::kClean;
   st_.loads++;
-  c->faults++;
   LinkResident(c);
   KickEvictor();
   if (c->waiters) {
@@ -932,10 +932,12 @@ RangeUsage AllocEngine::Usage(const void* addr, size_t len) const noexcept {
           u.spilled_bytes += n;
           u.stored_bytes += c.stored * n / kChunk;
           break;
+        case CState::kEvicting:  // out of the budget already, on its way to disk
+          u.spilled_bytes += n;
+          break;
         case CState::kDirty:
         case CState::kClean:
-        case CState::kLoading:
-        case CState::kEvicting:
+        case CState::kLoading:  // in the budget from the fault on
           u.resident_bytes += n;
           break;
       }

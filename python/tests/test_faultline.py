@@ -205,9 +205,11 @@ def test_offload_a_live_model_under_a_budget(tmp_path):
         assert m["managed_bytes"] == 512 * 512 * 4
         assert m["resident_bytes"] + m["spilled_bytes"] + m["zero_bytes"] == m["managed_bytes"]
         assert m["zero_bytes"] == 0 and m["faults"] >= 16  # copied in at offload: every chunk written
-    assert sum(m["resident_bytes"] for m in per.values()) == s["resident_bytes"]
+    # (The evictor may still be running: only faults stand still between
+    # the totals and the per-module figures.)
+    assert sum(m["resident_bytes"] for m in per.values()) <= s["budget_bytes"]
     assert sum(m["faults"] for m in per.values()) == s["faults"]
-    assert sum(m["evictions"] for m in per.values()) == s["evictions"]
+    assert sum(m["evictions"] for m in per.values()) >= s["evictions"]
     # The pass ended in the last layer: it is in memory, the first one on disk.
     assert per["21"]["resident_bytes"] == 512 * 512 * 4
     assert per["0"]["spilled_bytes"] > 0 and 0 < per["0"]["stored_bytes"] <= per["0"]["spilled_bytes"]
