@@ -48,7 +48,8 @@ struct AllocStats {
   uint64_t spills = 0;            // dirty chunks compressed and written
   uint64_t clean_drops = 0;       // chunks dropped that still had their copy on disk
   uint64_t zero_drops = 0;        // chunks dropped that were all zeros (nothing written)
-  uint64_t loads = 0;             // chunks read back from disk
+  uint64_t loads = 0;             // chunks read back from disk (on a fault or ahead of one)
+  uint64_t prefetched = 0;        // of those, read back ahead of a fault (MADV_WILLNEED, Prefetch)
   uint64_t write_faults = 0;      // first writes to clean chunks
   uint64_t errors = 0;            // spill reads or writes that failed
   uint64_t bytes_spilled = 0, bytes_stored = 0;  // before and after compression
@@ -116,8 +117,17 @@ class ManagedRegion {
   size_t size() const noexcept { return size_; }
   AllocStats stats() const;
   // Where [offset, offset + len) of the region is now. EINVAL when the
-  // range is not inside the region.
+  // range is not inside the region (also for Prefetch and Evict).
   Result<RangeUsage> Usage(size_t offset, size_t len) const;
+  // Hints, by the 64 KiB chunks the range touches. Prefetch queues its
+  // spilled chunks to be read back by a background thread and returns at
+  // once (at most the budget's worth is queued; older requests give way);
+  // a fault on a chunk being read waits for that read. Evict spills its
+  // resident chunks now (a chunk with its copy on disk is just dropped);
+  // ENOSPC when a spill write failed (that chunk stays resident). The same
+  // as madvise(MADV_WILLNEED / MADV_PAGEOUT) on managed memory.
+  Status Prefetch(size_t offset, size_t len);
+  Status Evict(size_t offset, size_t len);
   internal::AllocEngine& engine() noexcept { return *engine_; }  // internal (tests)
 
  private:

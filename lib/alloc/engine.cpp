@@ -183,6 +183,18 @@ void AllocEngine::EvictorLoop() {
       Evict(lk, lru_head_);
       continue;
     }
+    if (!prefetch_.empty()) {
+      uintptr_t a = prefetch_.front();
+      prefetch_.pop_front();
+      Block* b = Find(a);
+      Chunk* c = b ? &b->chunks[(a - b->base) / kChunk] : nullptr;
+      if (c && c->state == CState::kSpilled) {
+        st_.prefetched++;
+        Load(lk, c);  // unlocks: a fault on it meanwhile waits for this load
+        if (!lk.owns_lock()) lk.lock();
+      }
+      continue;
+    }
     evict_cv_.wait(lk);
   }
 }
@@ -274,6 +286,14 @@ void AllocEngine::LinkResident(Chunk* c) {
   lru_tail_ = c;
 }
 
+void AllocEngine::LinkOldest(Chunk* c) {
+  c->prev = nullptr;
+  c->next = lru_head_;
+  if (lru_head_) lru_head_->prev = c;
+  else lru_tail_ = c;
+  lru_head_ = c;
+}
+
 void AllocEngine::UnlinkResident(Chunk* c) {
   if (c->prev) c->prev->next = c->next;
   else lru_head_ = c->next;
@@ -315,7 +335,10 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
         st_.write_faults++;
         UnlinkResident(c);
         LinkResident(c);
-        lk.unlock();
+        // Unprotected under the lock: an eviction that takes the chunk
+        // next protects it again only after this (unlocked, the eviction's
+        // protection could be undone here and a write lost while it
+        // compresses).
         uffd_->WriteProtect(at, kChunk, false);  // wakes the writer
         return;
       }
@@ -323,9 +346,12 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
       uffd_->Wake(at, kChunk);
       return;
     case CState::kDirty:
+      if (wp) {
+        uffd_->WriteProtect(at, kChunk, false);  // a stale protection; under the lock, as above
+        return;
+      }
       lk.unlock();
-      if (wp) uffd_->WriteProtect(at, kChunk, false);
-      else uffd_->Wake(at, kChunk);
+      uffd_->Wake(at, kChunk);
       return;
     case CState::kUntouched:
     case CState::kZero: {
@@ -340,19 +366,30 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
         uffd_->Wake(at, kChunk);
         return;
       }
-      c->state = CState::kDirty;
+      // Loading until its pages are in: an eviction (Evict, MADV_PAGEOUT)
+      // must not take it while it has none (the install would make them
+      // writable behind the eviction's write protection).
+      c->state = CState::kLoading;
       st_.zero_fills++;
       c->faults++;
       st_.resident_bytes += kChunk;
       st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);
-      LinkResident(c);
-      KickEvictor();
+      in_flight_++;
       lk.unlock();
       // A read maps the shared zero page (no memory until written); a
       // write gets real zeroed pages at once, instead of a copy-on-write
       // fault per 4 KiB page later.
       int rc = write ? uffd_->Copy(at, kZeroChunk, kChunk) : uffd_->ZeroPage(at, kChunk);
-      if (rc != 0) uffd_->Wake(at, kChunk);  // EEXIST: some page raced in
+      lk.lock();
+      in_flight_--;
+      idle_cv_.notify_all();
+      c->state = CState::kDirty;
+      LinkResident(c);
+      KickEvictor();
+      bool w = c->waiters || rc != 0;  // EEXIST: some page raced in
+      c->waiters = false;
+      lk.unlock();
+      if (w) uffd_->Wake(at, kChunk);
       return;
     }
     case CState::kSpilled:
@@ -449,13 +486,10 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
     c->state = CState::kDirty;
     st_.resident_bytes += kChunk;
     LinkResident(c);
-    bool w = c->waiters;
     c->waiters = false;
     idle_cv_.notify_all();
-    lk.unlock();
-    uffd_->WriteProtect(at, kChunk, false);
-    if (w) uffd_->Wake(at, kChunk);
-    lk.lock();
+    uffd_->WriteProtect(at, kChunk, false);  // under the lock, as in HandleFault; wakes waiting writers
+    uffd_->Wake(at, kChunk);
     return false;
   }
   RawMadvise(at, kChunk, MADV_DONTNEED);
@@ -784,9 +818,67 @@ void AllocEngine::Free(void* p) noexcept {
   ReleaseRange(base, reserved);
 }
 
+// Queues the spilled chunks of [lo, hi) for the background thread, newest
+// requests last; the queue holds at most the budget's worth.
+void AllocEngine::QueuePrefetch(uintptr_t lo, uintptr_t hi) {
+  size_t cap = std::max<size_t>(1, LowWater() / kChunk);
+  bool any = false;
+  for (uintptr_t a = lo & ~(kChunk - 1); a < hi; a += kChunk) {
+    Block* b = Find(a);
+    if (!b) continue;
+    if (b->chunks[(a - b->base) / kChunk].state != CState::kSpilled) continue;
+    prefetch_.push_back(a);
+    any = true;
+  }
+  while (prefetch_.size() > cap) prefetch_.pop_front();
+  if (any) evict_cv_.notify_one();
+}
+
+// Spills (dirty) or drops (clean) every resident chunk of [lo, hi) now.
+bool AllocEngine::PageOut(std::unique_lock<std::mutex>& lk, uintptr_t lo, uintptr_t hi) {
+  bool ok = true;
+  for (uintptr_t a = lo & ~(kChunk - 1); a < hi; a += kChunk) {
+    for (;;) {
+      Block* b = Find(a);
+      Chunk* c = b ? &b->chunks[(a - b->base) / kChunk] : nullptr;
+      if (c && (c->state == CState::kLoading || c->state == CState::kEvicting)) {
+        idle_cv_.wait(lk);  // then look again: the block may have changed too
+        continue;
+      }
+      if (c && Listed(c->state) && !Evict(lk, c)) ok = false;
+      break;
+    }
+  }
+  return ok;
+}
+
 int AllocEngine::Advise(void* addr, size_t len, int advice) noexcept {
   ScopedInternal internal_calls;
   if (advice == MADV_HUGEPAGE || advice == MADV_NOHUGEPAGE) return 0;  // chunks are the unit
+  uintptr_t lo = reinterpret_cast<uintptr_t>(addr);
+  uintptr_t hi = len > UINTPTR_MAX - lo ? UINTPTR_MAX : lo + len;
+  if (advice == MADV_WILLNEED) {
+    std::lock_guard lk(mu_);
+    QueuePrefetch(lo, hi);
+    return 0;
+  }
+  if (advice == MADV_PAGEOUT) {
+    std::unique_lock lk(mu_);
+    if (PageOut(lk, lo, hi)) return 0;
+    errno = ENOSPC;
+    return -1;
+  }
+  if (advice == MADV_COLD) {
+    std::lock_guard lk(mu_);
+    for (uintptr_t a = lo & ~(kChunk - 1); a < hi; a += kChunk) {
+      Block* b = Find(a);
+      Chunk* c = b ? &b->chunks[(a - b->base) / kChunk] : nullptr;
+      if (!c || !Listed(c->state)) continue;
+      UnlinkResident(c);
+      LinkOldest(c);
+    }
+    return 0;
+  }
   if (advice != MADV_DONTNEED && advice != MADV_FREE) return RawMadvise(addr, len, advice);
   // The range's contents go: whole chunks become zero chunks (memory, disk
   // copy and budget freed); the ends of partly covered chunks are zeroed.

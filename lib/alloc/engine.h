@@ -28,6 +28,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -82,9 +83,14 @@ class AllocEngine {
   // (the old block is untouched).
   void* Reallocate(void* p, size_t size) noexcept;
   size_t UsableSize(const void* p) noexcept;
-  // madvise on managed memory: huge-page advice is ignored (chunks are the
-  // unit), MADV_DONTNEED/MADV_FREE zero the range, anything else goes to
-  // the kernel.
+  // madvise on managed memory, by the chunks the range touches: huge-page
+  // advice is ignored (chunks are the unit), MADV_DONTNEED/MADV_FREE zero
+  // the range; MADV_WILLNEED queues its spilled chunks to be read back by
+  // the background thread (at most the budget's worth of queued chunks:
+  // the oldest requests give way); MADV_PAGEOUT spills or drops its
+  // resident chunks now (-1/ENOSPC when a spill write failed: that chunk
+  // stays); MADV_COLD makes them the next to go. Anything else goes to the
+  // kernel.
   int Advise(void* addr, size_t len, int advice) noexcept;
   AllocStats stats() const noexcept;
   // Sums what the chunks of [addr, addr + len) hold; bytes outside every
@@ -105,7 +111,7 @@ class AllocEngine {
   Status Start();                       // uffd + threads (also in a fork child)
   void Serve();                         // a service thread
   void HandleFault(uintptr_t addr, bool wp, bool write);
-  void EvictorLoop();                   // evicts ahead of the faults
+  void EvictorLoop();                   // evicts ahead of the faults, serves prefetches
   uint64_t LowWater() const;
   void KickEvictor();
   void MakeRoom(std::unique_lock<std::mutex>& lk);
@@ -123,6 +129,9 @@ class AllocEngine {
   void ReleaseChunk(Chunk* c);  // memory's gone: out of the budget, its extent freed
   Status NewSpillFile();
   void LinkResident(Chunk* c);
+  void LinkOldest(Chunk* c);
+  void QueuePrefetch(uintptr_t lo, uintptr_t hi);
+  bool PageOut(std::unique_lock<std::mutex>& lk, uintptr_t lo, uintptr_t hi);
   void UnlinkResident(Chunk* c);
   void WaitIdle(std::unique_lock<std::mutex>& lk, Block* b);
   uintptr_t ChunkAddr(const Chunk* c) const;
@@ -141,7 +150,8 @@ class AllocEngine {
 
   mutable std::mutex mu_;
   std::condition_variable idle_cv_;  // a loading/evicting chunk finished
-  std::condition_variable evict_cv_; // resident bytes passed the low-water mark
+  std::condition_variable evict_cv_; // resident bytes passed the low-water mark, or a prefetch came
+  std::deque<uintptr_t> prefetch_;   // chunk addresses to read back (MADV_WILLNEED)
   bool stopping_ = false;
   std::map<uintptr_t, std::unique_ptr<Block>> blocks_;
   FreeList arena_;             // address ranges of the arena

@@ -3,6 +3,7 @@
 #include "alloc/heap.h"
 
 #include <malloc.h>
+#include <sys/mman.h>
 
 #include <atomic>
 #include <cerrno>
@@ -58,7 +59,8 @@ std::string AllocStats::ToString() const {
     << "  resident " << FormatSize(resident_bytes) << ", peak " << FormatSize(peak_resident_bytes) << ", budget "
     << FormatSize(budget_bytes) << "\n"
     << "  chunks zero-filled " << zero_fills << ", spilled " << spills << ", dropped clean " << clean_drops
-    << ", dropped zero " << zero_drops << ", read back " << loads << ", first writes " << write_faults
+    << ", dropped zero " << zero_drops << ", read back " << loads << " (" << prefetched << " ahead of a fault)"
+    << ", first writes " << write_faults
     << ", errors " << errors << "\n"
     << "  spilled " << FormatSize(bytes_spilled) << " as " << FormatSize(bytes_stored) << " (ratio "
     << compression_ratio() << "), spill file " << FormatSize(spill_file_bytes) << "\n";
@@ -181,11 +183,30 @@ ManagedRegion::~ManagedRegion() = default;
 
 AllocStats ManagedRegion::stats() const { return engine_->stats(); }
 
-Result<RangeUsage> ManagedRegion::Usage(size_t offset, size_t len) const {
-  if (offset > size_ || len > size_ - offset)
+static Status CheckRange(size_t offset, size_t len, size_t size) {
+  if (offset > size || len > size - offset)
     return Status::Error(EINVAL, "bytes [%zu, +%zu) are not inside the managed region of %zu bytes", offset, len,
-                         size_);
+                         size);
+  return Status::Ok();
+}
+
+Result<RangeUsage> ManagedRegion::Usage(size_t offset, size_t len) const {
+  FL_RETURN_IF_ERROR(CheckRange(offset, len, size_));
   return engine_->Usage(static_cast<const char*>(data_) + offset, len);
+}
+
+Status ManagedRegion::Prefetch(size_t offset, size_t len) {
+  FL_RETURN_IF_ERROR(CheckRange(offset, len, size_));
+  engine_->Advise(static_cast<char*>(data_) + offset, len, MADV_WILLNEED);
+  return Status::Ok();
+}
+
+Status ManagedRegion::Evict(size_t offset, size_t len) {
+  FL_RETURN_IF_ERROR(CheckRange(offset, len, size_));
+  if (engine_->Advise(static_cast<char*>(data_) + offset, len, MADV_PAGEOUT) != 0)
+    return Status::Error(ENOSPC, "some of bytes [%zu, +%zu) could not be spilled (the spill file has no room): they stay resident",
+                         offset, len);
+  return Status::Ok();
 }
 
 }  // namespace faultline

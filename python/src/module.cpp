@@ -328,6 +328,7 @@ py::dict AllocStatsDict(const AllocStats& s) {
   d["clean_drops"] = s.clean_drops;
   d["zero_drops"] = s.zero_drops;
   d["loads"] = s.loads;
+  d["prefetched"] = s.prefetched;
   d["write_faults"] = s.write_faults;
   d["errors"] = s.errors;
   d["bytes_spilled"] = s.bytes_spilled;
@@ -351,6 +352,18 @@ class Region {
   size_t size() const { return r_->size(); }
   uintptr_t address() const { return reinterpret_cast<uintptr_t>(r_->data()); }
   py::dict stats() const { return AllocStatsDict(r_->stats()); }
+  void prefetch(size_t offset, size_t len) {
+    Status s = r_->Prefetch(offset, len);
+    if (!s.ok()) Raise(s);
+  }
+  void evict(size_t offset, size_t len) {
+    Status s;
+    {
+      py::gil_scoped_release nogil;  // compresses and writes
+      s = r_->Evict(offset, len);
+    }
+    if (!s.ok()) Raise(s);
+  }
   py::dict usage(size_t offset, size_t len) const {
     RangeUsage u = Take(r_->Usage(offset, len));
     py::dict d;
@@ -538,7 +551,9 @@ PYBIND11_MODULE(_native, m) {
       .def_property_readonly("size", &Region::size)
       .def_property_readonly("address", &Region::address)
       .def("stats", &Region::stats)
-      .def("usage", &Region::usage, py::arg("offset"), py::arg("length"));
+      .def("usage", &Region::usage, py::arg("offset"), py::arg("length"))
+      .def("prefetch", &Region::prefetch, py::arg("offset"), py::arg("length"))
+      .def("evict", &Region::evict, py::arg("offset"), py::arg("length"));
 
   py::class_<Builder>(m, "Builder")
       .def(py::init<>())

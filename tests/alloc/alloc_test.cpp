@@ -6,6 +6,7 @@
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -293,6 +294,8 @@ TEST_CASE("usage of a byte range: resident, spilled and zero bytes, faults and e
   CHECK(first.stored_bytes > 0);
   CHECK(first.stored_bytes < first.spilled_bytes);  // one byte value per chunk: compresses
   // Reading chunk 0 back brings it in: one more fault there, resident now.
+  // (Its eviction may still be writing it out under load: wait for that.)
+  for (int i = 0; i < 5000 && usage(0, chunk).evictions == 0; i++) usleep(1000);
   CHECK(p[100] == 1);
   RangeUsage c0 = usage(0, chunk);
   CHECK(c0.resident_bytes == chunk);
@@ -310,6 +313,80 @@ TEST_CASE("usage of a byte range: resident, spilled and zero bytes, faults and e
   CHECK(bad.status().code() == EINVAL);
   CHECK(std::string(bad.status().message()).find("not inside the managed region") != std::string::npos);
   CHECK((*r)->Usage(SIZE_MAX, 2).status().code() == EINVAL);
+}
+
+TEST_CASE("hints: Evict spills now, Prefetch reads back ahead of the faults, MADV_COLD goes first") {
+  const size_t chunk = 64 << 10, size = 64 * chunk;
+  auto r = ManagedRegion::Create(size, Config(16 * chunk));
+  REQUIRE(r.ok());
+  ManagedRegion& m = **r;
+  auto* p = static_cast<uint8_t*>(m.data());
+  auto fill = [&](size_t c) { memset(p + c * chunk, static_cast<int>(c + 1), chunk); };
+  auto check = [&](size_t c) {
+    for (size_t i = 0; i < chunk; i += 4096)
+      if (p[c * chunk + i] != static_cast<uint8_t>(c + 1)) return false;
+    return true;
+  };
+  for (size_t c = 0; c < 8; c++) fill(c);
+  // Evict: the first four chunks leave at once, data kept.
+  REQUIRE(m.Evict(0, 4 * chunk).ok());
+  RangeUsage u = *m.Usage(0, 4 * chunk);
+  CHECK(u.resident_bytes == 0);
+  CHECK(u.spilled_bytes == 4 * chunk);
+  CHECK(m.Usage(4 * chunk, 4 * chunk)->resident_bytes == 4 * chunk);
+  uint64_t spills = m.stats().spills;
+  CHECK(spills >= 4);
+  // Prefetch: read back by the background thread, no fault of this thread's.
+  REQUIRE(m.Prefetch(0, 4 * chunk).ok());
+  for (int i = 0; i < 2000 && m.Usage(0, 4 * chunk)->resident_bytes < 4 * chunk; i++) usleep(1000);
+  CHECK(m.Usage(0, 4 * chunk)->resident_bytes == 4 * chunk);
+  AllocStats s = m.stats();
+  CHECK(s.prefetched == 4);
+  uint64_t loads = s.loads;
+  for (size_t c = 0; c < 8; c++) CHECK(check(c));
+  CHECK(m.stats().loads == loads);  // all there: reading faulted nothing in
+  // Evicting clean chunks (their copy is on disk) writes nothing.
+  REQUIRE(m.Evict(0, 4 * chunk).ok());
+  CHECK(m.stats().spills == spills);
+  CHECK(m.stats().clean_drops >= 4);
+  // Prefetching what is resident or never written does nothing.
+  REQUIRE(m.Prefetch(4 * chunk, size - 4 * chunk).ok());
+  usleep(20000);
+  CHECK(m.stats().prefetched == 4);
+  // MADV_COLD: chunks 4..5 become the oldest, so filling the budget with
+  // new chunks evicts them before 6..7 (written earlier than 8..).
+  REQUIRE(m.engine().Advise(p + 4 * chunk, 2 * chunk, MADV_COLD) == 0);
+  for (size_t c = 8; c < 8 + 10; c++) fill(c);  // 14 resident: the evictor takes two (low water 12)
+  for (int i = 0; i < 2000 && m.Usage(4 * chunk, 2 * chunk)->resident_bytes > 0; i++) usleep(1000);
+  CHECK(m.Usage(4 * chunk, 2 * chunk)->resident_bytes == 0);
+  CHECK(m.Usage(6 * chunk, 2 * chunk)->resident_bytes == 2 * chunk);
+  for (size_t c = 0; c < 8 + 10; c++) CHECK(check(c));
+  // Bad ranges are named.
+  CHECK(m.Prefetch(size, 1).code() == EINVAL);
+  CHECK(m.Evict(1, size).code() == EINVAL);
+  CHECK(std::string(m.Evict(1, size).message()).find("not inside the managed region") != std::string::npos);
+}
+
+TEST_CASE("a prefetch racing faults and evictions from several threads never loses data") {
+  const size_t size = 32 << 20;
+  auto r = ManagedRegion::Create(size, Config(4 << 20));
+  REQUIRE(r.ok());
+  auto* base = static_cast<uint8_t*>((*r)->data());
+  std::vector<uint32_t> rounds(size / 4096, 0);
+  std::atomic<bool> stop{false};
+  std::thread hinter([&] {
+    std::mt19937_64 rng(7);
+    while (!stop) {
+      size_t off = (rng() % (size / (1 << 20))) << 20;
+      if (rng() % 3 == 0) (void)(*r)->Evict(off, 1 << 20);
+      else (void)(*r)->Prefetch(off, 2 << 20 < size - off ? 2 << 20 : size - off);
+    }
+  });
+  Hammer(base, size, 2, 20000, rounds, 11);
+  stop = true;
+  hinter.join();
+  CHECK(CountBad(base, size, rounds) == 0);
+  CHECK((*r)->stats().prefetched > 0);
 }
 
 TEST_CASE("bad arguments get errors") {
