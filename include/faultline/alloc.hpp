@@ -69,7 +69,7 @@ struct RangeUsage {
   uint64_t spilled_bytes = 0;   // on disk only, or being written there (out of the budget)
   uint64_t stored_bytes = 0;    // what those take in the spill file (after compression)
   uint64_t zero_bytes = 0;      // never written, or dropped as all zeros: neither memory nor disk
-  uint64_t faults = 0;          // first touches and loads back from disk
+  uint64_t faults = 0;          // first touches and loads back from disk on a fault (not prefetches)
   uint64_t evictions = 0;       // chunks written out or dropped
 };
 

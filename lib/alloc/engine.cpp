@@ -189,8 +189,7 @@ void AllocEngine::EvictorLoop() {
       Block* b = Find(a);
       Chunk* c = b ? &b->chunks[(a - b->base) / kChunk] : nullptr;
       if (c && c->state == CState::kSpilled) {
-        st_.prefetched++;
-        Load(lk, c);  // unlocks: a fault on it meanwhile waits for this load
+        Load(lk, c, /*prefetch=*/true);  // unlocks: a fault on it meanwhile waits for this load
         if (!lk.owns_lock()) lk.lock();
       }
       continue;
@@ -517,7 +516,7 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
 }
 
 // Reads a spilled chunk back and installs it write-protected (clean).
-void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c) {
+void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch) {
   MakeRoom(lk);
   if (c->state != CState::kSpilled) {  // changed while making room
     void* at = reinterpret_cast<void*>(ChunkAddr(c));
@@ -529,7 +528,10 @@ void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c) {
     return;
   }
   c->state = CState::kLoading;
-  c->faults++;  // now: the install wakes the faulting thread before the lock is taken again
+  // Counted now: the install wakes the faulting thread before the lock is
+  // taken again.
+  if (prefetch) st_.prefetched++;
+  else c->faults++;
   in_flight_++;
   st_.resident_bytes += kChunk;
   st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);

@@ -116,7 +116,7 @@ class AllocEngine {
   void KickEvictor();
   void MakeRoom(std::unique_lock<std::mutex>& lk);
   bool Evict(std::unique_lock<std::mutex>& lk, Chunk* c);
-  void Load(std::unique_lock<std::mutex>& lk, Chunk* c);
+  void Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch = false);
   Block* Find(uintptr_t addr) const;
   Block* BlockAt(const void* p, const char* call);  // aborts on a wild pointer
   std::unique_ptr<Block> NewBlock(uintptr_t base, size_t size, size_t mapped);  // nullptr: no memory

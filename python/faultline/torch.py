@@ -299,11 +299,20 @@ class MemoryConfig:
     layer_types: only parameters of these module types (None = any);
     max_spill: refuse to offload when the worst-case spill (managed - budget)
       would exceed this many bytes (None = no cap);
-    codec: 'zstd' or 'raw' for spilled chunks; spill_dir: where the spill file goes."""
+    codec: 'zstd' or 'raw' for spilled chunks; spill_dir: where the spill file goes;
+    prefetch: read the parameters of the modules expected next back in the
+      background while a module runs (the order is learned from the forward
+      passes: which module ran after which), at most ``lookahead`` modules
+      and half the budget ahead."""
 
     def __init__(self, budget: Size = "1G", min_size: Size = 1 << 20, manage_1d: bool = False,
                  layer_types: Optional[Sequence[Type[nn.Module]]] = None, max_spill: Optional[Size] = None,
-                 codec: str = "zstd", spill_dir: Optional[str] = None):
+                 codec: str = "zstd", spill_dir: Optional[str] = None, prefetch: bool = True,
+                 lookahead: int = 2):
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be 0 or more, not {lookahead}")
+        self.prefetch = bool(prefetch)
+        self.lookahead = int(lookahead)
         self.budget = parse_size(budget)
         self.min_size = parse_size(min_size) if min_size else 0
         self.manage_1d = manage_1d
@@ -366,6 +375,60 @@ class OffloadManager:
             newp = nn.Parameter(t, requires_grad=p.requires_grad)
             m._parameters[pname] = newp
         # The old parameter storage goes when nothing refers to it any more.
+        # Per module (in registration order): its managed byte ranges.
+        self._ranges: Dict[str, List[Tuple[int, int]]] = {}
+        for mname, _, _, _, off, nbytes in self._layout:
+            self._ranges.setdefault(mname, []).append((off, nbytes))
+        self._bytes = {k: sum(n for _, n in v) for k, v in self._ranges.items()}
+        # Which module ran after which (learned; registration order until then).
+        order = list(self._ranges)
+        self._next: Dict[str, str] = {a: b for a, b in zip(order, order[1:] + order[:1])}
+        self._last: Optional[str] = None
+        self._handles: List[Any] = []
+        if config.prefetch and config.lookahead > 0 and len(order) > 1:
+            modules = dict(model.named_modules())
+            for name in order:
+                self._handles.append(modules[name].register_forward_pre_hook(self._pre_hook(name)))
+
+    def _pre_hook(self, name: str):
+        def hook(_module, _inputs):
+            if self._last is not None and self._last != name:
+                self._next[self._last] = name
+            self._last = name
+            self._prefetch_after(name)
+        return hook
+
+    def _prefetch_after(self, name: str) -> None:
+        # The next modules, while they fit in half the budget beside this one.
+        room = self.config.budget // 2 - self._bytes[name]
+        k = name
+        for _ in range(self.config.lookahead):
+            k = self._next.get(k)
+            if k is None or k == name or self._bytes[k] > room:
+                break
+            room -= self._bytes[k]
+            for off, n in self._ranges[k]:
+                self._region.prefetch(off, n)
+
+    def _module_ranges(self, module: Optional[str]) -> List[Tuple[int, int]]:
+        if module is None:
+            return [r for v in self._ranges.values() for r in v]
+        key = "" if module == "<root>" else module
+        if key not in self._ranges:
+            raise KeyError(f"module '{module}' has no managed parameters (managed: {sorted(self._ranges)[:8]})")
+        return self._ranges[key]
+
+    def prefetch(self, module: Optional[str] = None) -> None:
+        """Starts reading a module's managed parameters back in the background
+        (all of them for None); returns at once."""
+        for off, n in self._module_ranges(module):
+            self._region.prefetch(off, n)
+
+    def evict(self, module: Optional[str] = None) -> None:
+        """Spills a module's managed parameters now (all of them for None);
+        they come back on touch."""
+        for off, n in self._module_ranges(module):
+            self._region.evict(off, n)
 
     @property
     def managed(self) -> List[str]:
@@ -395,7 +458,8 @@ class OffloadManager:
             "peak_resident_bytes": st.get("peak_resident_bytes", 0),
             "spilled_bytes": st.get("bytes_spilled", 0),
             "spill_file_bytes": st.get("spill_file_bytes", 0),
-            "faults": st.get("loads", 0) + st.get("zero_fills", 0),
+            "faults": st.get("loads", 0) - st.get("prefetched", 0) + st.get("zero_fills", 0),
+            "prefetched": st.get("prefetched", 0),
             "evictions": st.get("spills", 0) + st.get("clean_drops", 0) + st.get("zero_drops", 0),
             "compression_ratio": st.get("compression_ratio", 0.0),
             "per_module": per,
@@ -404,6 +468,10 @@ class OffloadManager:
     def cleanup(self) -> None:
         """Moves the managed parameters back into ordinary memory and frees
         the managed region and its spill file."""
+        for h in getattr(self, "_handles", []):
+            h.remove()
+        self._handles = []
+        self._ranges = {}
         for mname, pname, m, full, off, nbytes in self._layout:
             p = m._parameters[pname]
             m._parameters[pname] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)

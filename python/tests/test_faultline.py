@@ -4,6 +4,7 @@ bundles saved from torch, DataLoader workers (fork), bad input."""
 import json
 import os
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -222,6 +223,50 @@ def test_offload_a_live_model_under_a_budget(tmp_path):
     assert mgr.summary()["managed_parameters"] == 0
     with torch.no_grad():
         model(x)
+
+
+def test_offload_prefetches_the_next_modules_and_takes_hints(tmp_path):
+    model = mlp(width=512, layers=8)
+    ref = mlp(width=512, layers=8)
+    ref.load_state_dict(model.state_dict())
+    layer = 512 * 512 * 4
+    mgr = ft.offload(model, budget=4 * layer, spill_dir=str(tmp_path))  # lookahead 2 by default
+    x = torch.randn(8, 512)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(model(x), ref(x))
+    s = mgr.summary()
+    assert s["prefetched"] > 0  # read back ahead of the faults
+    # Hints by module name: evict spills now, prefetch reads back in the background.
+    mgr.evict("0")
+    assert mgr.summary()["per_module"]["0"]["resident_bytes"] == 0
+    mgr.prefetch("0")
+    for _ in range(2000):
+        if mgr.summary()["per_module"]["0"]["resident_bytes"] == layer:
+            break
+        time.sleep(0.001)
+    u = mgr.summary()["per_module"]["0"]
+    assert u["resident_bytes"] == layer
+    faults = u["faults"]
+    with torch.no_grad():
+        assert torch.equal(model[0](x), ref[0](x))
+    assert mgr.summary()["per_module"]["0"]["faults"] == faults  # nothing faulted: it was there
+    mgr.evict()  # everything
+    assert mgr.summary()["resident_bytes"] == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+    with pytest.raises(KeyError, match="no managed parameters"):
+        mgr.prefetch("1")  # a LayerNorm: nothing managed there
+    mgr.cleanup()
+    # Without prefetch: nothing is read ahead.
+    mgr = ft.offload(model, budget=4 * layer, prefetch=False, spill_dir=str(tmp_path))
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(model(x), ref(x))
+    assert mgr.summary()["prefetched"] == 0
+    mgr.cleanup()
+    with pytest.raises(ValueError, match="lookahead"):
+        ft.offload(model, budget="1M", lookahead=-1)
 
 
 def test_offload_presets_types_and_caps():
