@@ -116,6 +116,7 @@ class AllocEngine {
   void KickEvictor();
   void MakeRoom(std::unique_lock<std::mutex>& lk);
   bool Evict(std::unique_lock<std::mutex>& lk, Chunk* c);
+  void DropCleanRun();  // the oldest chunk, clean, and its clean neighbours
   void Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch = false);
   Block* Find(uintptr_t addr) const;
   Block* BlockAt(const void* p, const char* call);  // aborts on a wild pointer
