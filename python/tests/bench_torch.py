@@ -1,4 +1,4 @@
-"""Benchmark: a model four times the paging budget, loaded and run three ways
+"""Benchmark: a model four times the paging budget, loaded and run several ways
 in one run, each in its own process (so peak RSS is its own):
 
   faultline   open(budget=model/4, policy='plan') + assign + PlanHooks
@@ -6,9 +6,12 @@ in one run, each in its own process (so peak RSS is its own):
               compress about 1.09x, so every frame is stored verbatim)
   torch.load  torch.load of a state dict + load_state_dict, fully resident
   safetensors safetensors.torch.load_file + load_state_dict (if installed)
+  offload     torch.load, then faultline.torch.offload(model, budget=model/4):
+              the live model's weights in managed memory, spilled to disk
+              (its first pass is timed from the offload call)
 
 Reported: time to the first forward pass (from nothing loaded to its
-output), steady passes per second (median of 5), peak RSS, and ratios
+output), steady passes per second (median of 5), peak and final RSS, and ratios
 against torch.load. Exit 77 where torch is missing."""
 import json
 import os
@@ -26,11 +29,11 @@ WIDTH, LAYERS, BATCH = 2048, 16, 32  # 256 MiB of f32 weights
 
 CHILD = r"""
 import json, statistics, sys, time, torch
-def hwm_kib():
+def status_kib(field):
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the process
     # that forked this one (the parent holds the whole state dict).
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
 from torch import nn
@@ -50,6 +53,10 @@ if kind.startswith("faultline"):
     hooks = ft.PlanHooks(model, b)
 elif kind == "torch":
     ft.assign(model, torch.load(path))
+elif kind == "offload":
+    ft.assign(model, torch.load(path))
+    t0 = time.perf_counter()
+    mgr = ft.offload(model, budget=layers * (width * width + width) * 4 // 4)
 else:
     import safetensors.torch as st
     ft.assign(model, st.load_file(path))
@@ -65,7 +72,7 @@ with torch.no_grad():
         model(x)
         passes.append(time.perf_counter() - t)
 print(json.dumps({"first_s": first, "pass_s": statistics.median(passes),
-                  "rss_mib": hwm_kib() / 1024,
+                  "rss_mib": status_kib("VmHWM") / 1024, "rss_end_mib": status_kib("VmRSS") / 1024,
                   "checksum": float(y.double().sum())}))
 """
 
@@ -80,11 +87,12 @@ def main():
         import faultline.torch as ft
 
         paths = {"faultline": os.path.join(d, "m.apbundle"), "faultline-v": os.path.join(d, "v.apbundle"),
-                 "torch": os.path.join(d, "m.pt"), "safetensors": os.path.join(d, "m.safetensors")}
+                 "torch": os.path.join(d, "m.pt"), "offload": os.path.join(d, "m.pt"),
+                 "safetensors": os.path.join(d, "m.safetensors")}
         ft.save(sd, paths["faultline"])
         ft.save(sd, paths["faultline-v"], min_ratio=1.2)
         torch.save(sd, paths["torch"])
-        kinds = ["faultline", "faultline-v", "torch"]
+        kinds = ["faultline", "faultline-v", "torch", "offload"]
         try:
             import safetensors.torch as st
 
@@ -99,10 +107,10 @@ def main():
             res[k] = json.loads(out.stdout.strip().splitlines()[-1])
     base = res["torch"]
     print(f"model {LAYERS} x {WIDTH}x{WIDTH} f32 = {LAYERS * WIDTH * WIDTH * 4 >> 20} MiB, faultline budget a quarter")
-    print(f"{'loader':12} {'first pass s':>12} {'passes/s':>9} {'peak RSS MiB':>13} {'first vs torch':>15} "
-          f"{'passes/s vs torch':>18}")
+    print(f"{'loader':12} {'first pass s':>12} {'passes/s':>9} {'peak RSS MiB':>13} {'RSS at end':>11} "
+          f"{'first vs torch':>15} {'passes/s vs torch':>18}")
     for k, r in res.items():
-        print(f"{k:12} {r['first_s']:12.3f} {1 / r['pass_s']:9.1f} {r['rss_mib']:13.0f} "
+        print(f"{k:12} {r['first_s']:12.3f} {1 / r['pass_s']:9.1f} {r['rss_mib']:13.0f} {r['rss_end_mib']:11.0f} "
               f"{r['first_s'] / base['first_s']:15.2f} {base['pass_s'] / r['pass_s']:18.3f}")
     sums = {round(r["checksum"], 3) for r in res.values()}
     if len(sums) != 1:
