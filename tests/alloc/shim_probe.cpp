@@ -110,6 +110,13 @@ void Contract() {
   EXPECT(madvise(m, 4 << 20, MADV_HUGEPAGE) == 0);
   EXPECT(madvise(m + (1 << 20), 1 << 20, MADV_DONTNEED) == 0);
   EXPECT(m[0] == 9 && m[(1 << 20) - 1] == 9 && AllZero(m + (1 << 20), 1 << 20) && m[2 << 20] == 9);
+  // Hints keep the data: MADV_PAGEOUT spills it now, MADV_WILLNEED reads it
+  // back in the background, MADV_COLD puts it first in line to go.
+  EXPECT(madvise(m, 1 << 20, MADV_PAGEOUT) == 0);
+  EXPECT(madvise(m, 1 << 20, MADV_WILLNEED) == 0);
+  EXPECT(madvise(m + (2 << 20), 2 << 20, MADV_COLD) == 0);
+  EXPECT(m[0] == 9 && m[(1 << 20) - 1] == 9 && AllZero(m + (1 << 20), 1 << 20) && m[2 << 20] == 9 &&
+         m[(4 << 20) - 1] == 9);
   free(m);
   // C++.
   auto* arr = new double[2 << 20];  // 16 MiB
