@@ -260,6 +260,20 @@ AllocEngine::Block* AllocEngine::Find(uintptr_t addr) const {
   return addr < b->base + b->mapped ? b : nullptr;
 }
 
+AllocEngine::Block* AllocEngine::FindFrom(uintptr_t addr) const {
+  auto it = blocks_.upper_bound(addr);
+  if (it != blocks_.begin() && addr < std::prev(it)->second->base + std::prev(it)->second->mapped) --it;
+  return it == blocks_.end() ? nullptr : it->second.get();
+}
+
+template <typename Fn>
+void AllocEngine::ForEachChunk(uintptr_t lo, uintptr_t hi, Fn&& fn) const {
+  for (Block* b = FindFrom(lo); b && b->base < hi; b = FindFrom(b->base + b->mapped)) {
+    uintptr_t from = std::max(lo, b->base), to = std::min(hi, b->base + b->mapped);
+    for (size_t i = (from - b->base) / kChunk; b->base + i * kChunk < to; i++) fn(&b->chunks[i]);
+  }
+}
+
 AllocEngine::Block* AllocEngine::BlockAt(const void* p, const char* call) {
   auto it = blocks_.find(reinterpret_cast<uintptr_t>(p));
   if (it == blocks_.end()) {
@@ -854,13 +868,11 @@ void AllocEngine::DropCleanRun() {
 void AllocEngine::QueuePrefetch(uintptr_t lo, uintptr_t hi) {
   size_t cap = std::max<size_t>(1, LowWater() / kChunk);
   bool any = false;
-  for (uintptr_t a = lo & ~(kChunk - 1); a < hi; a += kChunk) {
-    Block* b = Find(a);
-    if (!b) continue;
-    if (b->chunks[(a - b->base) / kChunk].state != CState::kSpilled) continue;
-    prefetch_.push_back(a);
+  ForEachChunk(lo, hi, [&](Chunk* c) {
+    if (c->state != CState::kSpilled) return;
+    prefetch_.push_back(ChunkAddr(c));
     any = true;
-  }
+  });
   while (prefetch_.size() > cap) prefetch_.pop_front();
   if (any) evict_cv_.notify_one();
 }
@@ -868,17 +880,18 @@ void AllocEngine::QueuePrefetch(uintptr_t lo, uintptr_t hi) {
 // Spills (dirty) or drops (clean) every resident chunk of [lo, hi) now.
 bool AllocEngine::PageOut(std::unique_lock<std::mutex>& lk, uintptr_t lo, uintptr_t hi) {
   bool ok = true;
-  for (uintptr_t a = lo & ~(kChunk - 1); a < hi; a += kChunk) {
-    for (;;) {
-      Block* b = Find(a);
-      Chunk* c = b ? &b->chunks[(a - b->base) / kChunk] : nullptr;
-      if (c && (c->state == CState::kLoading || c->state == CState::kEvicting)) {
-        idle_cv_.wait(lk);  // then look again: the block may have changed too
-        continue;
-      }
-      if (c && Listed(c->state) && !Evict(lk, c)) ok = false;
-      break;
+  // Evict unlocks: the blocks are looked up again for every chunk.
+  for (uintptr_t a = lo; a < hi;) {
+    Block* b = FindFrom(a);
+    if (!b || b->base >= hi) break;
+    a = std::max(a, b->base);
+    Chunk* c = &b->chunks[(a - b->base) / kChunk];
+    if (c->state == CState::kLoading || c->state == CState::kEvicting) {
+      idle_cv_.wait(lk);  // then look again
+      continue;
     }
+    if (Listed(c->state) && !Evict(lk, c)) ok = false;
+    a = (a & ~(kChunk - 1)) + kChunk;
   }
   return ok;
 }
@@ -901,13 +914,11 @@ int AllocEngine::Advise(void* addr, size_t len, int advice) noexcept {
   }
   if (advice == MADV_COLD) {
     std::lock_guard lk(mu_);
-    for (uintptr_t a = lo & ~(kChunk - 1); a < hi; a += kChunk) {
-      Block* b = Find(a);
-      Chunk* c = b ? &b->chunks[(a - b->base) / kChunk] : nullptr;
-      if (!c || !Listed(c->state)) continue;
+    ForEachChunk(lo, hi, [&](Chunk* c) {
+      if (!Listed(c->state)) return;
       UnlinkResident(c);
       LinkOldest(c);
-    }
+    });
     return 0;
   }
   if (advice != MADV_DONTNEED && advice != MADV_FREE) return RawMadvise(addr, len, advice);
@@ -1035,42 +1046,32 @@ RangeUsage AllocEngine::Usage(const void* addr, size_t len) const noexcept {
   uintptr_t lo = reinterpret_cast<uintptr_t>(addr);
   uintptr_t hi = len > UINTPTR_MAX - lo ? UINTPTR_MAX : lo + len;
   std::lock_guard lk(mu_);
-  for (auto it = blocks_.upper_bound(lo); lo < hi;) {
-    // The block holding lo, or the next one after it.
-    if (it != blocks_.begin() && std::prev(it)->second->base + std::prev(it)->second->mapped > lo) --it;
-    if (it == blocks_.end()) break;
-    const Block* b = it->second.get();
-    uintptr_t from = std::max(lo, b->base), to = std::min<uintptr_t>(hi, b->base + b->mapped);
-    for (size_t i = (from - b->base) / kChunk; from < to; ++i) {
-      const Chunk& c = b->chunks[i];
-      uintptr_t end = std::min<uintptr_t>(to, b->base + (i + 1) * kChunk);
-      uint64_t n = end - from;
-      switch (c.state) {
-        case CState::kUntouched:
-        case CState::kZero:
-          u.zero_bytes += n;
-          break;
-        case CState::kSpilled:
-        case CState::kError:
-          u.spilled_bytes += n;
-          u.stored_bytes += c.stored * n / kChunk;
-          break;
-        case CState::kEvicting:  // out of the budget already, on its way to disk
-          u.spilled_bytes += n;
-          break;
-        case CState::kDirty:
-        case CState::kClean:
-        case CState::kLoading:  // in the budget from the fault on
-          u.resident_bytes += n;
-          break;
-      }
-      u.faults += c.faults;
-      u.evictions += c.evictions;
-      from = end;
+  ForEachChunk(lo, hi, [&](const Chunk* cp) {
+    const Chunk& c = *cp;
+    uintptr_t at = ChunkAddr(cp);
+    uint64_t n = std::min<uintptr_t>(hi, at + kChunk) - std::max(lo, at);  // its bytes in the range
+    switch (c.state) {
+      case CState::kUntouched:
+      case CState::kZero:
+        u.zero_bytes += n;
+        break;
+      case CState::kSpilled:
+      case CState::kError:
+        u.spilled_bytes += n;
+        u.stored_bytes += c.stored * n / kChunk;
+        break;
+      case CState::kEvicting:  // out of the budget already, on its way to disk
+        u.spilled_bytes += n;
+        break;
+      case CState::kDirty:
+      case CState::kClean:
+      case CState::kLoading:  // in the budget from the fault on
+        u.resident_bytes += n;
+        break;
     }
-    lo = std::max(lo, b->base + b->mapped);
-    it = blocks_.upper_bound(lo);
-  }
+    u.faults += c.faults;
+    u.evictions += c.evictions;
+  });
   return u;
 }
 

@@ -119,6 +119,11 @@ class AllocEngine {
   void DropCleanRun();  // the oldest chunk, clean, and its clean neighbours
   void Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch = false);
   Block* Find(uintptr_t addr) const;
+  Block* FindFrom(uintptr_t addr) const;  // the block holding addr, or the first after it
+  // fn(Chunk*) for every chunk of a block that [lo, hi) touches, in address
+  // order; gaps between blocks are skipped. Under the lock, fn not unlocking.
+  template <typename Fn>
+  void ForEachChunk(uintptr_t lo, uintptr_t hi, Fn&& fn) const;  // (engine.cpp)
   Block* BlockAt(const void* p, const char* call);  // aborts on a wild pointer
   std::unique_ptr<Block> NewBlock(uintptr_t base, size_t size, size_t mapped);  // nullptr: no memory
   bool MapFresh(uintptr_t base, size_t len);  // private anonymous read-write pages there

@@ -367,6 +367,42 @@ TEST_CASE("hints: Evict spills now, Prefetch reads back ahead of the faults, MAD
   CHECK(std::string(m.Evict(1, size).message()).find("not inside the managed region") != std::string::npos);
 }
 
+TEST_CASE("hints and usage over a range of several blocks with gaps between them") {
+  const size_t chunk = 64 << 10;
+  auto e = internal::AllocEngine::Create(Config(32 * chunk));
+  REQUIRE(e.ok());
+  internal::AllocEngine& eng = **e;
+  auto* a = static_cast<uint8_t*>(eng.Allocate(4 * chunk, chunk));
+  auto* gap = static_cast<uint8_t*>(eng.Allocate(4 * chunk, chunk));
+  auto* b = static_cast<uint8_t*>(eng.Allocate(4 * chunk, chunk));
+  REQUIRE((a && gap && b));
+  REQUIRE(a < gap);
+  REQUIRE(gap < b);
+  eng.Free(gap);
+  memset(a, 1, 4 * chunk);
+  memset(b, 2, 4 * chunk);
+  size_t span = static_cast<size_t>(b + 4 * chunk - a);
+  RangeUsage u = eng.Usage(a, span);
+  CHECK(u.resident_bytes == 8 * chunk);  // the freed block's bytes count nowhere
+  CHECK(u.faults == 8);
+  REQUIRE(eng.Advise(a, span, MADV_PAGEOUT) == 0);
+  u = eng.Usage(a, span);
+  CHECK(u.resident_bytes == 0);
+  CHECK(u.spilled_bytes == 8 * chunk);
+  REQUIRE(eng.Advise(a, span, MADV_WILLNEED) == 0);
+  for (int i = 0; i < 2000 && eng.Usage(a, span).resident_bytes < 8 * chunk; i++) usleep(1000);
+  CHECK(eng.Usage(a, span).resident_bytes == 8 * chunk);
+  CHECK(eng.stats().prefetched == 8);
+  CHECK((a[0] == 1 && a[4 * chunk - 1] == 1 && b[0] == 2 && b[4 * chunk - 1] == 2));
+  CHECK(eng.Usage(a, span).faults == 8);  // all came back ahead of the reads
+  // A range past every block, and one over the whole address space.
+  CHECK(eng.Usage(b + 4 * chunk, 1 << 20).resident_bytes == 0);
+  CHECK(eng.Usage(nullptr, SIZE_MAX).resident_bytes == 8 * chunk);
+  CHECK(eng.Advise(nullptr, SIZE_MAX, MADV_COLD) == 0);
+  eng.Free(a);
+  eng.Free(b);
+}
+
 TEST_CASE("a prefetch racing faults and evictions from several threads never loses data") {
   const size_t size = 32 << 20;
   auto r = ManagedRegion::Create(size, Config(4 << 20));
