@@ -111,6 +111,7 @@ struct AllocEngine::Block {
   size_t reserved = 0; // arena range from base (>= mapped after a shrink)
   std::unique_ptr<Chunk[]> chunks;
   size_t count = 0;
+  uint8_t raw_run = 0;  // chunks in a row that did not compress (Evict)
 };
 
 // ---- creation and the service threads ----
@@ -455,6 +456,11 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
   }
   c->state = CState::kEvicting;
   in_flight_++;
+  // After a run of chunks of this block that did not compress, only every
+  // 16th is tried (incompressible data, such as f32 weights, then costs no
+  // compression; data that starts compressing again is found within 16).
+  Block* blk = c->block;
+  bool try_zstd = config_.zstd_level > 0 && (blk->raw_run < 4 || c->index % 16 == 0);
   lk.unlock();
   // Writers now fault on the protection and wait; readers go on reading.
   uffd_->WriteProtect(at, kChunk, true);
@@ -470,7 +476,7 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
   if (!zero) {
     const unsigned char* src = data;
     stored = kChunk;
-    if (config_.zstd_level > 0) {
+    if (try_zstd) {
       size_t z = ZSTD_compressCCtx(s.cctx, s.packed.get(), s.cap, data, kChunk, config_.zstd_level);
       // Kept compressed only when that saves an eighth or more: decoding
       // 64 KiB costs ~50 us of a core, more than reading the eighth saved
@@ -483,6 +489,7 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
     }
     sum = Checksum64(src, stored);
     lk.lock();
+    if (try_zstd) blk->raw_run = stored == kChunk ? static_cast<uint8_t>(std::min(blk->raw_run + 1, 255)) : 0;
     placed = PlaceExtent(c, stored, &file, &off);
     int fd = placed ? files_[file].fd.get() : -1;
     lk.unlock();
