@@ -48,7 +48,7 @@ struct AllocStats {
   uint64_t spills = 0;            // dirty chunks compressed and written
   uint64_t clean_drops = 0;       // chunks dropped that still had their copy on disk
   uint64_t zero_drops = 0;        // chunks dropped that were all zeros (nothing written)
-  uint64_t loads = 0;             // chunks read back from disk (on a fault or ahead of one)
+  uint64_t loads = 0;             // chunks read back from disk, on a fault or ahead of one (counted as the read starts)
   uint64_t prefetched = 0;        // of those, read back ahead of a fault (MADV_WILLNEED, Prefetch)
   uint64_t write_faults = 0;      // first writes to clean chunks
   uint64_t errors = 0;            // spill reads or writes that failed

@@ -112,6 +112,9 @@ struct AllocEngine::Block {
   std::unique_ptr<Chunk[]> chunks;
   size_t count = 0;
   uint8_t raw_run = 0;  // chunks in a row that did not compress (Evict)
+  // Readahead (ReadAhead): the last chunk loaded on a fault, the window, and
+  // the last chunk queued.
+  size_t last_load = SIZE_MAX, ra = 0, ra_end = 0;
 };
 
 // ---- creation and the service threads ----
@@ -413,6 +416,7 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
         uffd_->Wake(at, kChunk);
         return;
       }
+      ReadAhead(b, c->index);
       Load(lk, c);
       return;
     case CState::kError:
@@ -557,6 +561,7 @@ void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch
   // taken again.
   if (prefetch) st_.prefetched++;
   else c->faults++;
+  st_.loads++;
   in_flight_++;
   st_.resident_bytes += kChunk;
   st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);
@@ -595,7 +600,6 @@ void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch
   }
   (void)rc;  // EEXIST cannot happen: only this thread installs a loading chunk
   c->state = CState::kClean;
-  st_.loads++;
   LinkResident(c);
   KickEvictor();
   if (c->waiters) {
@@ -870,6 +874,26 @@ void AllocEngine::DropCleanRun() {
   st_.clean_drops += n;
 }
 
+// Readahead on faults that load chunks of a block in address order: the
+// window (chunks queued for the background thread past the faulting one)
+// doubles from 2 to 16 while the loads stay sequential, and a fault inside
+// or just past the window (its chunks came in without faulting) counts as
+// sequential too. Never more than the headroom under the budget at once.
+void AllocEngine::ReadAhead(Block* b, size_t index) {
+  bool sequential = b->last_load != SIZE_MAX && index > b->last_load && index <= b->ra_end + 1;
+  b->ra = sequential ? std::min<size_t>(b->ra ? 2 * b->ra : 2, 16) : 0;
+  b->last_load = index;
+  if (!b->ra) {
+    b->ra_end = index;
+    return;
+  }
+  size_t most = std::max<uint64_t>(1, (config_.budget - LowWater()) / kChunk);
+  size_t end = std::min({index + std::min(b->ra, most), b->count - 1});
+  size_t from = std::max(index, b->ra_end) + 1;
+  if (from <= end) QueuePrefetch(b->base + from * kChunk, b->base + (end + 1) * kChunk);
+  b->ra_end = std::max(b->ra_end, end);
+}
+
 // Queues the spilled chunks of [lo, hi) for the background thread, newest
 // requests last; the queue holds at most the budget's worth.
 void AllocEngine::QueuePrefetch(uintptr_t lo, uintptr_t hi) {
@@ -887,6 +911,8 @@ void AllocEngine::QueuePrefetch(uintptr_t lo, uintptr_t hi) {
 // Spills (dirty) or drops (clean) every resident chunk of [lo, hi) now.
 bool AllocEngine::PageOut(std::unique_lock<std::mutex>& lk, uintptr_t lo, uintptr_t hi) {
   bool ok = true;
+  // What was asked for earlier is not wanted now.
+  std::erase_if(prefetch_, [&](uintptr_t a) { return a >= (lo & ~(kChunk - 1)) && a < hi; });
   // Evict unlocks: the blocks are looked up again for every chunk.
   for (uintptr_t a = lo; a < hi;) {
     Block* b = FindFrom(a);

@@ -137,6 +137,7 @@ class AllocEngine {
   void LinkResident(Chunk* c);
   void LinkOldest(Chunk* c);
   void QueuePrefetch(uintptr_t lo, uintptr_t hi);
+  void ReadAhead(Block* b, size_t index);  // on a fault that loads chunk `index` of b
   bool PageOut(std::unique_lock<std::mutex>& lk, uintptr_t lo, uintptr_t hi);
   void UnlinkResident(Chunk* c);
   void WaitIdle(std::unique_lock<std::mutex>& lk, Block* b);

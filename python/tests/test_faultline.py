@@ -258,12 +258,13 @@ def test_offload_prefetches_the_next_modules_and_takes_hints(tmp_path):
     with pytest.raises(KeyError, match="no managed parameters"):
         mgr.prefetch("1")  # a LayerNorm: nothing managed there
     mgr.cleanup()
-    # Without prefetch: nothing is read ahead.
+    assert not model[0]._forward_pre_hooks  # cleanup took the hooks away
+    # Without prefetch: no hooks (the engine still reads ahead of sequential faults).
     mgr = ft.offload(model, budget=4 * layer, prefetch=False, spill_dir=str(tmp_path))
+    assert not model[0]._forward_pre_hooks
     with torch.no_grad():
         for _ in range(2):
             assert torch.equal(model(x), ref(x))
-    assert mgr.summary()["prefetched"] == 0
     mgr.cleanup()
     with pytest.raises(ValueError, match="lookahead"):
         ft.offload(model, budget="1M", lookahead=-1)
