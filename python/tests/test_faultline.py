@@ -241,7 +241,7 @@ def test_offload_prefetches_the_next_modules_and_takes_hints(tmp_path):
     mgr.evict("0")
     assert mgr.summary()["per_module"]["0"]["resident_bytes"] == 0
     mgr.prefetch("0")
-    for _ in range(2000):
+    for _ in range(10000):
         if mgr.summary()["per_module"]["0"]["resident_bytes"] == layer:
             break
         time.sleep(0.001)
