@@ -170,6 +170,10 @@ class PagedBundle {
   // leave once the next runs. A tensor counts in its first step only;
   // empty steps are dropped.
   void SetPlan(const std::vector<std::vector<TensorView>>& steps);
+  // The same with one step per name prefix of a model's tensors (layer(p)
+  // of each, as DeviceBundle::SetPlan takes them); ENOENT for a model that
+  // does not exist or a prefix that matches no tensor (nothing is set).
+  Status SetPlan(std::string_view model, const std::vector<std::string>& prefixes);
   // Records the plan from the order of first faults until StopRecording,
   // then installs it.
   void StartRecordingPlan();

@@ -331,16 +331,13 @@ int faultline_paged_set_plan(faultline_paged* p, const char* model, const char* 
   return Guard([&] {
     auto m = model ? p->bundle->model(model) : Result<ModelView>(p->bundle->model());
     if (!m.ok()) return Fail(m.status());
-    std::vector<std::vector<TensorView>> steps;
+    std::vector<std::string> names;
     for (size_t i = 0; i < count; i++) {
       if (!prefixes[i]) return Fail(EINVAL, "NULL prefix");
-      steps.push_back(m->layer(prefixes[i]));
-      if (steps.back().empty())
-        return Fail(Status::Error(ENOENT, "no tensor of model '%.64s' starts with '%.64s'", m->info().name.c_str(),
-                                  prefixes[i]));
+      names.emplace_back(prefixes[i]);
     }
-    p->bundle->SetPlan(steps);
-    return 0;
+    Status s = p->bundle->SetPlan(m->info().name, names);
+    return s.ok() ? 0 : Fail(s);
   });
 }
 

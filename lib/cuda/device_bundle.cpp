@@ -24,6 +24,7 @@
 #include <mutex>
 #include <thread>
 
+#include "core/plan_steps.h"
 #include "core/status_macros.h"
 #include "faultline/alloc.hpp"
 #include "faultline/cuda.hpp"
@@ -740,13 +741,8 @@ Status DeviceBundle::SetPlan(std::vector<std::vector<DeviceTensor>> steps) {
 }
 
 Status DeviceBundle::SetPlan(std::string_view model, const std::vector<std::string>& prefixes) {
-  std::vector<std::vector<DeviceTensor>> steps;
-  for (const std::string& p : prefixes) {
-    steps.push_back(layer(model, p));
-    if (steps.back().empty())
-      return Status::Error(ENOENT, "no tensor of model '%.*s' starts with '%s'",
-                           static_cast<int>(std::min<size_t>(model.size(), 64)), model.data(), p.c_str());
-  }
+  FL_ASSIGN_OR_RETURN(auto steps,
+                      internal::StepsByPrefix(model, prefixes, [&](const std::string& p) { return layer(model, p); }));
   return SetPlan(std::move(steps));
 }
 

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <sstream>
 
+#include "core/plan_steps.h"
 #include "core/status_macros.h"
 #include "faultline/paging.hpp"
 #include "faultline/size.hpp"
@@ -265,6 +266,13 @@ void PagedBundle::SetPlan(const std::vector<std::vector<TensorView>>& steps) {
   for (size_t k = 0; k < steps.size(); k++)
     for (const auto& t : steps[k]) ids[k].push_back(t.id());
   impl_->engine->SetPlan(ids);
+}
+Status PagedBundle::SetPlan(std::string_view model, const std::vector<std::string>& prefixes) {
+  FL_ASSIGN_OR_RETURN(ModelView m, this->model(model));
+  FL_ASSIGN_OR_RETURN(auto steps, internal::StepsByPrefix(m.info().name, prefixes,
+                                                          [&](const std::string& p) { return m.layer(p); }));
+  SetPlan(steps);
+  return Status::Ok();
 }
 void PagedBundle::StartRecordingPlan() { impl_->engine->StartRecording(); }
 void PagedBundle::StopRecordingPlan() { impl_->engine->StopRecording(); }

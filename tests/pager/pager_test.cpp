@@ -569,7 +569,8 @@ TEST_CASE("a plan in steps keeps a layer's tensors together while it runs") {
   auto specs = MakeModel(path, 6);
   const uint64_t weights = TotalBytes(specs);
   // Returns {all loads, loads during second reads}.
-  auto loads_for = [&](bool steps) {
+  // plan: 0 one tensor per step, 1 a step per layer, 2 the same by name prefix.
+  auto loads_for = [&](int plan) {
     PagingConfig c = Config(weights / 3, EvictionPolicy::kPlan, 1);
     c.prefetch_depth = 0;
     auto b = PagedBundle::Open(path, c);
@@ -580,7 +581,15 @@ TEST_CASE("a plan in steps keeps a layer's tensors together while it runs") {
       std::string p = "layers." + std::to_string(l) + ".";
       layers.push_back({*m.tensor(p + "w"), *m.tensor(p + "b")});
     }
-    if (steps) {
+    if (plan == 2) {
+      std::vector<std::string> prefixes;
+      for (int l = 0; l < 6; l++) prefixes.push_back("layers." + std::to_string(l) + ".");
+      REQUIRE((*b)->SetPlan(m.info().name, prefixes).ok());
+      auto bad = (*b)->SetPlan(m.info().name, {"layers.0.", "decoder."});
+      CHECK(bad.code() == ENOENT);
+      CHECK(std::string(bad.message()).find("starts with 'decoder.'") != std::string::npos);
+      CHECK((*b)->SetPlan("no such model", prefixes).code() == ENOENT);
+    } else if (plan == 1) {
       (*b)->SetPlan(layers);
     } else {
       std::vector<TensorView> order;
@@ -606,8 +615,11 @@ TEST_CASE("a plan in steps keeps a layer's tensors together while it runs") {
     CheckAll(**b, specs);
     return std::pair{total, again};
   };
-  auto [steps_loads, steps_again] = loads_for(true);
-  auto [flat_loads, flat_again] = loads_for(false);
+  auto [steps_loads, steps_again] = loads_for(1);
+  auto [flat_loads, flat_again] = loads_for(0);
+  auto [prefix_loads, prefix_again] = loads_for(2);
+  CHECK(prefix_again == 0);
+  CHECK(prefix_loads < flat_loads);
   MESSAGE("loads: steps ", steps_loads, " (", steps_again, " during second reads), one tensor per step ", flat_loads,
           " (", flat_again, ")");
   CHECK(steps_again == 0);
