@@ -7,8 +7,9 @@
   execution plan; later passes advance the plan, so they are prefetched and
   evicted by it.
 - ``offload(model, budget=...)``: a live model's large parameters moved into
-  managed memory with a resident budget and compressed spill
-  (``OffloadManager``: ``summary()``, ``cleanup()``).
+  managed memory with a resident budget and compressed spill, the next
+  modules read back ahead by forward pre-hooks (``OffloadManager``:
+  ``summary()``, ``prefetch(module)``, ``evict(module)``, ``cleanup()``).
 - ``save(model_or_state_dict, path, ...)``: a bundle written from torch tensors.
 - ``stream(module, sd)`` (and ``assign`` given a ``StreamedStateDict``): a
   module whose weights live in the GPU tier, each module's tensors streamed
@@ -492,7 +493,9 @@ def offload(model: nn.Module, budget: Optional[Size] = None, preset: Optional[st
     ``budget`` bytes of them stay resident, the rest is compressed and spilled
     to disk and comes back on touch. One-dimensional parameters stay resident
     unless ``manage_1d=True``. ``preset`` is 'low_memory' or 'speed'; other
-    keywords are MemoryConfig's. Returns the manager (``summary()``,
+    keywords are MemoryConfig's (``prefetch=True``, ``lookahead=2``: the
+    next modules' parameters are read back while one runs). Returns the
+    manager (``summary()``, ``prefetch(module)``, ``evict(module)``,
     ``cleanup()``)."""
     if config is None:
         opts: Dict[str, Any] = {}
