@@ -81,6 +81,14 @@ struct RangeUsage {
 void* Allocate(size_t size, size_t alignment = alignof(std::max_align_t)) noexcept;
 void Free(void* p) noexcept;
 void* Reallocate(void* p, size_t size) noexcept;
+// madvise(2) for heap memory (the shim routes madvise here): on managed
+// blocks MADV_WILLNEED reads spilled chunks back in the background,
+// MADV_PAGEOUT spills now, MADV_COLD puts chunks first in line to go,
+// MADV_DONTNEED/MADV_FREE zero them, huge-page advice is ignored; anything
+// else, and every other address, goes to the kernel. -1 and errno as
+// madvise. (The kernel's own madvise on a managed block would take its
+// pages behind the engine's back: use this.)
+int Advise(void* p, size_t len, int advice) noexcept;
 // Whether the heap is running (userfaultfd allowed), and its statistics.
 bool HeapManaged() noexcept;
 AllocStats HeapStats() noexcept;

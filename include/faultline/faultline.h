@@ -189,6 +189,11 @@ int faultline_paged_stats(const faultline_paged* paged, faultline_paging_stats* 
 void* faultline_alloc(size_t size);
 void faultline_free(void* p);
 void* faultline_realloc(void* p, size_t size);
+/* madvise for that memory: on managed blocks MADV_WILLNEED reads spilled
+ * chunks back in the background, MADV_PAGEOUT spills them now, MADV_COLD
+ * makes them the next to go, MADV_DONTNEED zeroes; other addresses and
+ * advice go to the kernel. 0, or -errno. */
+int faultline_advise(void* p, size_t len, int advice);
 
 /* ---- GPU tier (CUDA managed memory; see faultline/cuda.hpp) ----
  * Without CUDA or a device, faultline_device_open fails with -ENOTSUP.

@@ -48,12 +48,6 @@ std::vector<AllocEngine*>& Engines() {
   return *v;
 }
 
-// The engine's own madvise calls go straight to the kernel: under the shim,
-// RawMadvise() itself is overridden for managed ranges.
-int RawMadvise(void* addr, size_t len, int advice) {
-  return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
-}
-
 bool AllZero(const unsigned char* p, size_t n) {
   const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
   for (size_t i = 0; i < n / 8; i++)
@@ -80,6 +74,12 @@ Scratch& ThreadScratch() {
 }
 
 }  // namespace
+
+// The engine's own madvise calls go straight to the kernel: under the shim,
+// madvise() itself is overridden for managed ranges.
+int RawMadvise(void* addr, size_t len, int advice) noexcept {
+  return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
+}
 
 void AtforkPrepare();
 void AtforkParent();

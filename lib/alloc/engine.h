@@ -62,6 +62,9 @@ class FreeList {
   uint64_t end_;
 };
 
+// madvise(2) itself, never the shim's.
+int RawMadvise(void* addr, size_t len, int advice) noexcept;
+
 class AllocEngine {
  public:
   // Errors: the userfaultfd's (EPERM/ENOSYS), ENOTSUP without write-protect

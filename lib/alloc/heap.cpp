@@ -153,6 +153,12 @@ void* Reallocate(void* p, size_t size) noexcept {
   return realloc(p, size);
 }
 
+int Advise(void* p, size_t len, int advice) noexcept {
+  internal::AllocEngine* h = internal::RunningHeap();
+  if (h && len && (h->Owns(p) || h->Owns(static_cast<char*>(p) + len - 1))) return h->Advise(p, len, advice);
+  return internal::RawMadvise(p, len, advice);
+}
+
 bool HeapManaged() noexcept { return internal::TheHeap() != nullptr; }
 
 AllocStats HeapStats() noexcept {

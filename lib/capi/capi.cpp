@@ -375,6 +375,11 @@ int faultline_paged_stats(const faultline_paged* p, faultline_paging_stats* out)
 void* faultline_alloc(size_t size) { return Allocate(size); }
 void faultline_free(void* p) { Free(p); }
 void* faultline_realloc(void* p, size_t size) { return Reallocate(p, size); }
+int faultline_advise(void* p, size_t len, int advice) {
+  if (Advise(p, len, advice) == 0) return 0;
+  int e = errno;
+  return Fail(e, e == ENOSPC ? "the spill file has no room: some chunks stay resident" : strerror(e));
+}
 
 /* ---- GPU tier ---- */
 

@@ -158,9 +158,7 @@ __attribute__((visibility("default"))) void* pvalloc(size_t size) {
 // NumPy and others advise huge pages (or drop pages) on large blocks; on
 // managed memory the engine decides what that means.
 __attribute__((visibility("default"))) int madvise(void* addr, size_t len, int advice) {
-  AllocEngine* h = faultline::internal::RunningHeap();
-  if (h && len && (h->Owns(addr) || h->Owns(static_cast<char*>(addr) + len - 1))) return h->Advise(addr, len, advice);
-  return static_cast<int>(syscall(SYS_madvise, addr, len, advice));
+  return faultline::Advise(addr, len, advice);
 }
 
 __attribute__((visibility("default"))) size_t malloc_usable_size(void* p) {

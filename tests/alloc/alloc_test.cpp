@@ -239,6 +239,25 @@ TEST_CASE("the heap API: alloc, realloc without copying through the budget, free
     CHECK(s.allocations >= 2);
     CHECK(s.frees >= 2);
   }
+  // Hints on heap memory: the data stays (managed or not); a bad advice and
+  // a range that is not mapped are the kernel's errors.
+  p = static_cast<uint8_t*>(faultline_alloc(n));
+  REQUIRE(p);
+  for (size_t i = 0; i < n; i += 4096) p[i] = static_cast<uint8_t>(1 + i / 4096 % 200);
+  uint64_t spills = HeapStats().spills;
+  CHECK(faultline_advise(p, n, MADV_PAGEOUT) == 0);
+  if (HeapManaged()) CHECK(HeapStats().spills > spills);
+  CHECK(faultline_advise(p, n, MADV_WILLNEED) == 0);
+  CHECK(faultline_advise(p, n, MADV_COLD) == 0);
+  for (size_t i = 0; i < n; i += 4096) REQUIRE(p[i] == static_cast<uint8_t>(1 + i / 4096 % 200));
+  CHECK(faultline_advise(p, n / 2, MADV_DONTNEED) == 0);
+  CHECK(p[0] == 0);
+  CHECK(p[n / 2] == static_cast<uint8_t>(1 + (n / 2) / 4096 % 200));
+  faultline_free(p);
+  CHECK(faultline_advise(reinterpret_cast<void*>(4096), 4096, MADV_WILLNEED) == -ENOMEM);
+  alignas(4096) static char page[4096];
+  CHECK(faultline_advise(page, 4096, 12345) == -EINVAL);
+  CHECK(std::string(faultline_last_error()).size() > 0);
 }
 
 TEST_CASE("memory whose spill could not fit in the spill directory is refused with ENOMEM") {
