@@ -342,6 +342,7 @@ class OffloadManager:
         self.model = model
         self.config = config
         chosen: List[Tuple[str, str, nn.Module, str, torch.nn.Parameter]] = []
+        self.skipped: List[str] = []  # large parameters left alone: not in host memory
         for mname, m in model.named_modules():
             if config.layer_types and not isinstance(m, config.layer_types):
                 continue
@@ -349,9 +350,17 @@ class OffloadManager:
                 nbytes = p.numel() * p.element_size()
                 if nbytes < max(config.min_size, 1) or (p.dim() <= 1 and not config.manage_1d):
                     continue
+                full = f"{mname}.{pname}" if mname else pname
                 if p.device.type != "cpu":
+                    self.skipped.append(full)  # managed memory is host memory
+                    elsewhere = p.device
                     continue
-                chosen.append((mname, pname, m, f"{mname}.{pname}" if mname else pname, p))
+                chosen.append((mname, pname, m, full, p))
+        if self.skipped and not chosen:
+            raise ValueError(f"offload manages parameters in host memory, and the large ones are on "
+                             f"{elsewhere} (e.g. '{self.skipped[0]}'): offload before "
+                             "moving the model to the GPU, or stream a bundle to the GPU with "
+                             "Bundle.state_dict(device='cuda')")
         self._layout: List[Tuple[str, str, nn.Module, str, int, int]] = []
         offset = 0
         for mname, pname, m, full, p in chosen:
@@ -453,6 +462,7 @@ class OffloadManager:
                 m[k] += v
         return {
             "managed_parameters": len(self._layout),
+            "skipped_parameters": list(self.skipped),
             "managed_bytes": self.managed_bytes,
             "budget_bytes": self.config.budget,
             "resident_bytes": st.get("resident_bytes", 0),

@@ -283,6 +283,15 @@ def test_offload_presets_types_and_caps():
         ft.offload(model, budget="128K", max_spill="64K", min_size=0)
     with pytest.raises(ValueError, match="preset"):
         ft.offload(model, preset="fastest")
+    # Parameters that are not in host memory (on a GPU, or meta) are not
+    # managed; a model with nothing else is refused, naming the way out.
+    with pytest.raises(ValueError, match="host memory.*meta.*'0.weight'"):
+        ft.offload(mlp(width=256, layers=2).to("meta"), budget="1M", min_size=0)
+    mixed = mlp(width=256, layers=2)
+    mixed[3].to("meta")
+    mgr = ft.offload(mixed, budget="1M", min_size=0)
+    assert "0.weight" in mgr.managed and "3.weight" in mgr.summary()["skipped_parameters"]
+    mgr.cleanup()
     with pytest.raises(ValueError, match="not a size"):
         ft.offload(model, budget="a lot")
 
