@@ -372,6 +372,16 @@ class OffloadManager:
             raise ValueError(f"offloading {offset} bytes under a budget of {config.budget} could spill "
                              f"{offset - config.budget} bytes, over max_spill={config.max_spill}")
         self._region = None
+        # Per module (in registration order): its managed byte ranges.
+        self._ranges: Dict[str, List[Tuple[int, int]]] = {}
+        for mname, _, _, _, off, nbytes in self._layout:
+            self._ranges.setdefault(mname, []).append((off, nbytes))
+        self._bytes = {k: sum(n for _, n in v) for k, v in self._ranges.items()}
+        # Which module ran after which (learned; registration order until then).
+        order = list(self._ranges)
+        self._next: Dict[str, str] = {a: b for a, b in zip(order, order[1:] + order[:1])}
+        self._last: Optional[str] = None
+        self._handles: List[Any] = []
         if offset == 0:
             return
         self._region = _native.Region(offset, config.budget, config.spill_dir or "", config.codec)
@@ -385,16 +395,6 @@ class OffloadManager:
             newp = nn.Parameter(t, requires_grad=p.requires_grad)
             m._parameters[pname] = newp
         # The old parameter storage goes when nothing refers to it any more.
-        # Per module (in registration order): its managed byte ranges.
-        self._ranges: Dict[str, List[Tuple[int, int]]] = {}
-        for mname, _, _, _, off, nbytes in self._layout:
-            self._ranges.setdefault(mname, []).append((off, nbytes))
-        self._bytes = {k: sum(n for _, n in v) for k, v in self._ranges.items()}
-        # Which module ran after which (learned; registration order until then).
-        order = list(self._ranges)
-        self._next: Dict[str, str] = {a: b for a, b in zip(order, order[1:] + order[:1])}
-        self._last: Optional[str] = None
-        self._handles: List[Any] = []
         if config.prefetch and config.lookahead > 0 and len(order) > 1:
             modules = dict(model.named_modules())
             for name in order:
@@ -479,7 +479,7 @@ class OffloadManager:
     def cleanup(self) -> None:
         """Moves the managed parameters back into ordinary memory and frees
         the managed region and its spill file."""
-        for h in getattr(self, "_handles", []):
+        for h in self._handles:
             h.remove()
         self._handles = []
         self._ranges = {}

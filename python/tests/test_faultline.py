@@ -275,6 +275,14 @@ def test_offload_presets_types_and_caps():
     mgr = ft.offload(model, preset="low_memory")
     assert mgr.summary()["managed_parameters"] == 4
     mgr.cleanup()
+    # Nothing large enough: nothing managed, and every call still works.
+    mgr = ft.offload(model, budget="1M", min_size="64M")
+    assert mgr.summary()["managed_parameters"] == 0 and mgr.summary()["per_module"] == {}
+    mgr.prefetch()
+    mgr.evict()
+    with pytest.raises(KeyError, match="no managed parameters"):
+        mgr.evict("0")
+    mgr.cleanup()
     mgr = ft.offload(model, budget="1M", layer_types=[nn.LayerNorm], manage_1d=True, min_size=0)
     assert all(".weight" in n or ".bias" in n for n in mgr.managed)
     assert mgr.summary()["managed_parameters"] == 8
