@@ -282,7 +282,13 @@ TEST_CASE("prefetch installs a tensor before it is touched") {
   auto t = (*b)->model().tensor("layers.2.w");
   (*b)->Prefetch(*t);
   uint64_t frames = t->info().frame_count;
-  for (int i = 0; i < 5000 && (*b)->stats().prefetched < frames; i++) usleep(1000);
+  // A load is counted before its install (so that a faulting thread sees
+  // its own load in the stats); resident bytes only after it.
+  auto there = [&] {
+    PagingStats st = (*b)->stats();
+    return st.prefetched >= frames && st.resident_bytes >= t->size();
+  };
+  for (int i = 0; i < 10000 && !there(); i++) usleep(1000);
   PagingStats s = (*b)->stats();
   CHECK(s.prefetched == frames);
   CHECK(memcmp(t->data(), specs[4].data.data(), specs[4].data.size()) == 0);
