@@ -129,7 +129,8 @@ class ManagedRegion {
   Result<RangeUsage> Usage(size_t offset, size_t len) const;
   // Hints, by the 64 KiB chunks the range touches. Prefetch queues its
   // spilled chunks to be read back by a background thread and returns at
-  // once (at most the budget's worth is queued; older requests give way);
+  // once (at most the budget's worth or 256 MiB is queued; older requests
+  // give way);
   // a fault on a chunk being read waits for that read. Evict spills its
   // resident chunks now (a chunk with its copy on disk is just dropped);
   // ENOSPC when a spill write failed (that chunk stays resident). The same

@@ -31,6 +31,7 @@ namespace {
 
 constexpr size_t kChunk = kManagedChunk;
 constexpr size_t kBlockAlign = 4096;  // spill extents are whole 4 KiB blocks
+constexpr size_t kMaxQueued = 4096;   // chunks queued for reading back (256 MiB), at most
 
 size_t RoundUp(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
@@ -89,7 +90,11 @@ enum class CState : uint8_t { kUntouched, kZero, kDirty, kClean, kSpilled, kLoad
 
 struct AllocEngine::Chunk {
   CState state = CState::kUntouched;
-  bool waiters = false;   // a fault arrived while loading/evicting: wake after
+  bool waiters : 1 = false;  // a fault arrived while loading/evicting: wake after
+  // A read-back request for it is queued and still wanted: cleared by any
+  // load and by MADV_PAGEOUT, so an entry left in the queue for a chunk
+  // that came back and went again meanwhile reads nothing.
+  bool queued : 1 = false;
   uint16_t file = 0;
   // Its extent in the spill file (0 = none). Valid data while spilled or
   // clean; a dirty chunk keeps its stale extent to write into next time.
@@ -133,6 +138,7 @@ Result<std::unique_ptr<AllocEngine>> AllocEngine::Create(const AllocConfig& conf
   e->hi_ = reinterpret_cast<uintptr_t>(a) + arena;
   e->arena_ = FreeList(e->lo_);
   e->st_.budget_bytes = e->config_.budget;
+  e->prefetch_.resize(std::min<size_t>(std::max<size_t>(1, e->LowWater() / kChunk), kMaxQueued));
   FL_RETURN_IF_ERROR(e->NewSpillFile());
   FL_RETURN_IF_ERROR(e->Start());
   std::lock_guard g(g_engines_mu);
@@ -188,12 +194,13 @@ void AllocEngine::EvictorLoop() {
       else Evict(lk, lru_head_);
       continue;
     }
-    if (!prefetch_.empty()) {
-      uintptr_t a = prefetch_.front();
-      prefetch_.pop_front();
+    if (prefetch_size_) {
+      uintptr_t a = prefetch_[prefetch_head_];
+      prefetch_head_ = (prefetch_head_ + 1) % prefetch_.size();
+      prefetch_size_--;
       Block* b = Find(a);
       Chunk* c = b ? &b->chunks[(a - b->base) / kChunk] : nullptr;
-      if (c && c->state == CState::kSpilled) {
+      if (c && c->queued && c->state == CState::kSpilled) {
         Load(lk, c, /*prefetch=*/true);  // unlocks: a fault on it meanwhile waits for this load
         if (!lk.owns_lock()) lk.lock();
       }
@@ -448,16 +455,13 @@ void AllocEngine::MakeRoom(std::unique_lock<std::mutex>& lk) {
 // Evicts one resident chunk. A clean chunk is dropped at once; a dirty one
 // is write-protected, compressed and written with the lock released.
 bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
+  if (c->state == CState::kClean) {
+    DropClean(c, 1);
+    return true;
+  }
   void* at = reinterpret_cast<void*>(ChunkAddr(c));
   UnlinkResident(c);
   st_.resident_bytes -= kChunk;
-  if (c->state == CState::kClean) {
-    RawMadvise(at, kChunk, MADV_DONTNEED);
-    c->state = CState::kSpilled;
-    st_.clean_drops++;
-    c->evictions++;
-    return true;
-  }
   c->state = CState::kEvicting;
   in_flight_++;
   // After a run of chunks of this block that did not compress, only every
@@ -557,6 +561,7 @@ void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch
     return;
   }
   c->state = CState::kLoading;
+  c->queued = false;
   // Counted now: the install wakes the faulting thread before the lock is
   // taken again.
   if (prefetch) st_.prefetched++;
@@ -854,13 +859,20 @@ void AllocEngine::Free(void* p) noexcept {
 // sweep reads them back in order): one madvise, so one TLB shootdown, for
 // up to 1 MiB, and at most the headroom under the budget at once.
 void AllocEngine::DropCleanRun() {
-  const size_t most = std::min<size_t>(16, std::max<uint64_t>(1, (config_.budget - LowWater()) / kChunk));
-  Chunk* first = lru_head_;
+  const size_t most = std::min<size_t>(16, HeadroomChunks());
   size_t n = 1;
-  for (Chunk* c = first; n < most && c->next && c->next->state == CState::kClean && c->next->block == c->block &&
-                         c->next->index == c->index + 1;
+  for (Chunk* c = lru_head_; n < most && c->next && c->next->state == CState::kClean &&
+                             c->next->block == c->block && c->next->index == c->index + 1;
        c = c->next)
     n++;
+  DropClean(lru_head_, n);
+}
+
+// Drops `first` and the n - 1 chunks after it in the eviction order, all
+// clean and next to each other in the address space: their copies are on
+// disk, nothing is written.
+void AllocEngine::DropClean(Chunk* first, size_t n) {
+  RawMadvise(reinterpret_cast<void*>(ChunkAddr(first)), n * kChunk, MADV_DONTNEED);
   Chunk* c = first;
   for (size_t i = 0; i < n; i++) {
     Chunk* next = c->next;
@@ -869,10 +881,11 @@ void AllocEngine::DropCleanRun() {
     c->evictions++;
     c = next;
   }
-  RawMadvise(reinterpret_cast<void*>(ChunkAddr(first)), n * kChunk, MADV_DONTNEED);
   st_.resident_bytes -= n * kChunk;
   st_.clean_drops += n;
 }
+
+size_t AllocEngine::HeadroomChunks() const { return std::max<uint64_t>(1, (config_.budget - LowWater()) / kChunk); }
 
 // Readahead on faults that load chunks of a block in address order: the
 // window (chunks queued for the background thread past the faulting one)
@@ -887,7 +900,7 @@ void AllocEngine::ReadAhead(Block* b, size_t index) {
     b->ra_end = index;
     return;
   }
-  size_t most = std::max<uint64_t>(1, (config_.budget - LowWater()) / kChunk);
+  size_t most = HeadroomChunks();
   size_t end = std::min({index + std::min(b->ra, most), b->count - 1});
   size_t from = std::max(index, b->ra_end) + 1;
   if (from <= end) QueuePrefetch(b->base + from * kChunk, b->base + (end + 1) * kChunk);
@@ -895,16 +908,20 @@ void AllocEngine::ReadAhead(Block* b, size_t index) {
 }
 
 // Queues the spilled chunks of [lo, hi) for the background thread, newest
-// requests last; the queue holds at most the budget's worth.
+// requests last; a full queue forgets its oldest (readahead that the reader
+// has overtaken is worth least).
 void AllocEngine::QueuePrefetch(uintptr_t lo, uintptr_t hi) {
-  size_t cap = std::max<size_t>(1, LowWater() / kChunk);
   bool any = false;
   ForEachChunk(lo, hi, [&](Chunk* c) {
     if (c->state != CState::kSpilled) return;
-    prefetch_.push_back(ChunkAddr(c));
+    if (prefetch_size_ == prefetch_.size()) {
+      prefetch_head_ = (prefetch_head_ + 1) % prefetch_.size();
+      prefetch_size_--;
+    }
+    prefetch_[(prefetch_head_ + prefetch_size_++) % prefetch_.size()] = ChunkAddr(c);
+    c->queued = true;
     any = true;
   });
-  while (prefetch_.size() > cap) prefetch_.pop_front();
   if (any) evict_cv_.notify_one();
 }
 
@@ -912,7 +929,7 @@ void AllocEngine::QueuePrefetch(uintptr_t lo, uintptr_t hi) {
 bool AllocEngine::PageOut(std::unique_lock<std::mutex>& lk, uintptr_t lo, uintptr_t hi) {
   bool ok = true;
   // What was asked for earlier is not wanted now.
-  std::erase_if(prefetch_, [&](uintptr_t a) { return a >= (lo & ~(kChunk - 1)) && a < hi; });
+  ForEachChunk(lo, hi, [](Chunk* c) { c->queued = false; });
   // Evict unlocks: the blocks are looked up again for every chunk.
   for (uintptr_t a = lo; a < hi;) {
     Block* b = FindFrom(a);

@@ -28,7 +28,6 @@
 
 #include <atomic>
 #include <condition_variable>
-#include <deque>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -89,7 +88,7 @@ class AllocEngine {
   // madvise on managed memory, by the chunks the range touches: huge-page
   // advice is ignored (chunks are the unit), MADV_DONTNEED/MADV_FREE zero
   // the range; MADV_WILLNEED queues its spilled chunks to be read back by
-  // the background thread (at most the budget's worth of queued chunks:
+  // the background thread (at most the budget's worth or 256 MiB queued:
   // the oldest requests give way); MADV_PAGEOUT spills or drops its
   // resident chunks now (-1/ENOSPC when a spill write failed: that chunk
   // stays); MADV_COLD makes them the next to go. Anything else goes to the
@@ -141,6 +140,8 @@ class AllocEngine {
   void LinkOldest(Chunk* c);
   void QueuePrefetch(uintptr_t lo, uintptr_t hi);
   void ReadAhead(Block* b, size_t index);  // on a fault that loads chunk `index` of b
+  size_t HeadroomChunks() const;           // the budget above the low-water mark, in chunks (>= 1)
+  void DropClean(Chunk* first, size_t n);  // n clean chunks, in eviction and address order
   bool PageOut(std::unique_lock<std::mutex>& lk, uintptr_t lo, uintptr_t hi);
   void UnlinkResident(Chunk* c);
   void WaitIdle(std::unique_lock<std::mutex>& lk, Block* b);
@@ -161,7 +162,12 @@ class AllocEngine {
   mutable std::mutex mu_;
   std::condition_variable idle_cv_;  // a loading/evicting chunk finished
   std::condition_variable evict_cv_; // resident bytes passed the low-water mark, or a prefetch came
-  std::deque<uintptr_t> prefetch_;   // chunk addresses to read back (MADV_WILLNEED)
+  // Chunk addresses to read back (MADV_WILLNEED, readahead): a ring sized
+  // at creation, so the fault path never allocates; when it is full, the
+  // oldest requests give way. An entry is served only while its chunk's
+  // `queued` mark stands.
+  std::vector<uintptr_t> prefetch_;
+  size_t prefetch_head_ = 0, prefetch_size_ = 0;
   bool stopping_ = false;
   std::map<uintptr_t, std::unique_ptr<Block>> blocks_;
   FreeList arena_;             // address ranges of the arena

@@ -380,6 +380,13 @@ TEST_CASE("hints: Evict spills now, Prefetch reads back ahead of the faults, MAD
   CHECK(m.Usage(4 * chunk, 2 * chunk)->resident_bytes == 0);
   CHECK(m.Usage(6 * chunk, 2 * chunk)->resident_bytes == 2 * chunk);
   for (size_t c = 0; c < 8 + 10; c++) CHECK(check(c));
+  // Evict after Prefetch: the queued reads of that range are dropped, so
+  // nothing comes back by itself afterwards.
+  REQUIRE(m.Evict(0, size).ok());
+  REQUIRE(m.Prefetch(0, 8 * chunk).ok());
+  REQUIRE(m.Evict(0, 8 * chunk).ok());
+  usleep(50000);
+  CHECK(m.Usage(0, 8 * chunk)->resident_bytes == 0);
   // Bad ranges are named.
   CHECK(m.Prefetch(size, 1).code() == EINVAL);
   CHECK(m.Evict(1, size).code() == EINVAL);
