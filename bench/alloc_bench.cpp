@@ -37,22 +37,33 @@ namespace {
 
 constexpr size_t kChunk = kManagedChunk;
 
+// The sum of every 8 bytes: a read of all of them.
+uint64_t SumPass(const uint8_t* p, size_t size) {
+  uint64_t sum = 0;
+  const auto* w = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < size / 8; i++) sum += w[i];
+  return sum;
+}
+
+// 16 different 64 KiB chunks of weights, to fill regions with.
+std::vector<std::vector<std::byte>> Chunks(DType dtype, uint64_t seed) {
+  std::vector<std::vector<std::byte>> src(16);
+  for (size_t i = 0; i < src.size(); i++) src[i] = Weights(kChunk, dtype, seed + i);
+  return src;
+}
+
 // Sequential write of every chunk, then a read of every byte (summed).
 double Sweep(uint8_t* p, size_t size, const std::vector<std::vector<std::byte>>& src) {
   auto t0 = Clock::now();
   for (size_t off = 0; off < size; off += kChunk) memcpy(p + off, src[(off / kChunk) % src.size()].data(), kChunk);
-  uint64_t sum = 0;
-  const auto* w = reinterpret_cast<const uint64_t*>(p);
-  for (size_t i = 0; i < size / 8; i++) sum += w[i];
-  benchmark::DoNotOptimize(sum);
+  benchmark::DoNotOptimize(SumPass(p, size));
   return Seconds(t0, Clock::now());
 }
 
 // range(0): region MiB; the budget is a quarter of it.
 void BM_Sweep(benchmark::State& state) {
   const size_t size = static_cast<size_t>(state.range(0)) << 20;
-  std::vector<std::vector<std::byte>> src(16);
-  for (size_t i = 0; i < src.size(); i++) src[i] = Weights(kChunk, DType::kBF16, 1000 + i);
+  const auto src = Chunks(DType::kBF16, 1000);
   AllocConfig c;
   c.budget = size / 4;
   c.zstd_level = 1;
@@ -96,8 +107,7 @@ void BM_Sweep(benchmark::State& state) {
       size_t z = lens[off / kChunk];
       if (pread(fd, packed.data(), (z + 4095) / 4096 * 4096, static_cast<off_t>(off)) < 0) return state.SkipWithError("pread");
       ZSTD_decompressDCtx(dctx, back.data(), kChunk, packed.data(), z);
-      const auto* w = reinterpret_cast<const uint64_t*>(back.data());
-      for (size_t i = 0; i < kChunk / 8; i++) sum += w[i];
+      sum += SumPass(back.data(), kChunk);
     }
     benchmark::DoNotOptimize(sum);
     limit += Seconds(t0, Clock::now());
@@ -114,13 +124,6 @@ void BM_Sweep(benchmark::State& state) {
 }
 BENCHMARK(BM_Sweep)->Arg(512)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
 
-uint64_t SumPass(const uint8_t* p, size_t size) {
-  uint64_t sum = 0;
-  const auto* w = reinterpret_cast<const uint64_t*>(p);
-  for (size_t i = 0; i < size / 8; i++) sum += w[i];
-  return sum;
-}
-
 // range(0): region MiB, written once with f32 weights (they do not compress,
 // so they spill raw), then read in order again and again under a budget of
 // a quarter: the pattern of a model offloaded for inference. Beside the
@@ -129,8 +132,7 @@ uint64_t SumPass(const uint8_t* p, size_t size) {
 // same pass over resident memory.
 void BM_ReadSweep(benchmark::State& state) {
   const size_t size = static_cast<size_t>(state.range(0)) << 20;
-  std::vector<std::vector<std::byte>> src(16);
-  for (size_t i = 0; i < src.size(); i++) src[i] = Weights(kChunk, DType::kF32, 2000 + i);
+  const auto src = Chunks(DType::kF32, 2000);
   AllocConfig c;
   c.budget = size / 4;
   c.zstd_level = 1;

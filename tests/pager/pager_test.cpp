@@ -583,13 +583,12 @@ TEST_CASE("a plan in steps keeps a layer's tensors together while it runs") {
     REQUIRE(b.ok());
     ModelView m = (*b)->model();
     std::vector<std::vector<TensorView>> layers;
+    std::vector<std::string> prefixes;
     for (int l = 0; l < 6; l++) {
-      std::string p = "layers." + std::to_string(l) + ".";
+      const std::string& p = prefixes.emplace_back("layers." + std::to_string(l) + ".");
       layers.push_back({*m.tensor(p + "w"), *m.tensor(p + "b")});
     }
     if (plan == 2) {
-      std::vector<std::string> prefixes;
-      for (int l = 0; l < 6; l++) prefixes.push_back("layers." + std::to_string(l) + ".");
       REQUIRE((*b)->SetPlan(m.info().name, prefixes).ok());
       auto bad = (*b)->SetPlan(m.info().name, {"layers.0.", "decoder."});
       CHECK(bad.code() == ENOENT);
