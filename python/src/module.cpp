@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <memory>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,22 @@ template <typename T>
 T Take(Result<T> r) {
   if (!r.ok()) Raise(r.status());
   return std::move(r).value();
+}
+
+// Runs a library call that may block (I/O, waits for the GPU) without the
+// GIL, then raises its error (a Status) or takes its value (a Result).
+template <typename F>
+auto WithoutGil(F&& f) {
+  auto r = [&] {
+    py::gil_scoped_release nogil;
+    return f();
+  }();
+  if constexpr (std::is_same_v<decltype(r), Status>) {
+    if (!r.ok()) Raise(r);
+  } else {
+    if (!r.ok()) Raise(r.status());
+    return std::move(r).value();
+  }
 }
 
 uint64_t SizeArg(const py::object& v, const char* what) {
@@ -88,17 +105,7 @@ class Bundle {
     if (prefetch >= 0) c.prefetch_depth = static_cast<unsigned>(prefetch);
     if (workers >= 0) c.workers = static_cast<unsigned>(workers);
     if (huge_pages >= 0) c.huge_pages = huge_pages != 0;
-    std::unique_ptr<PagedBundle> b;
-    {
-      py::gil_scoped_release nogil;
-      auto r = PagedBundle::Open(path, c);
-      if (!r.ok()) {
-        py::gil_scoped_acquire gil;
-        Raise(r.status());
-      }
-      b = std::move(r).value();
-    }
-    b_ = std::move(b);
+    b_ = WithoutGil([&] { return PagedBundle::Open(path, c); });
     path_ = path;
   }
 
@@ -137,12 +144,8 @@ class Bundle {
   void dont_need(const std::string& model, const std::string& name) { get().DontNeed(view(model, name)); }
   void pin(const std::string& model, const std::string& name) {
     TensorView t = view(model, name);
-    Status s;
-    {
-      py::gil_scoped_release nogil;
-      s = get().Pin(t);
-    }
-    if (!s.ok()) Raise(s);
+    PagedBundle& b = get();  // (raises: with the GIL)
+    WithoutGil([&] { return b.Pin(t); });
   }
   void unpin(const std::string& model, const std::string& name) { get().Unpin(view(model, name)); }
   // steps: for each plan step, the (model, tensor) pairs used together.
@@ -217,12 +220,7 @@ class GpuBundle {
     else if (!eviction.empty()) throw py::value_error("eviction '" + eviction + "' is not host or discard");
     if (read_mostly >= 0) c.advice.read_mostly = read_mostly != 0;
     if (monitor >= 0) c.monitor.enabled = monitor != 0;
-    Result<std::unique_ptr<cuda::DeviceBundle>> r = Status::Error(EINVAL, "not opened");
-    {
-      py::gil_scoped_release nogil;
-      r = cuda::DeviceBundle::Open(path, c);
-    }
-    b_ = Take(std::move(r));
+    b_ = WithoutGil([&] { return cuda::DeviceBundle::Open(path, c); });
   }
 
   cuda::DeviceBundle& get() const {
@@ -257,21 +255,13 @@ class GpuBundle {
   // stream: a cudaStream_t as an integer (torch: stream.cuda_stream); 0 is
   // the legacy default stream.
   void begin(size_t step, uintptr_t stream) {
-    Status s;
-    {
-      py::gil_scoped_release nogil;
-      s = get().Begin(step, reinterpret_cast<void*>(stream));
-    }
-    if (!s.ok()) Raise(s);
+    cuda::DeviceBundle& b = get();
+    WithoutGil([&] { return b.Begin(step, reinterpret_cast<void*>(stream)); });
   }
   void end(size_t step, uintptr_t stream) { get().End(step, reinterpret_cast<void*>(stream)); }
   void synchronize() {
-    Status s;
-    {
-      py::gil_scoped_release nogil;
-      s = get().Synchronize();
-    }
-    if (!s.ok()) Raise(s);
+    cuda::DeviceBundle& b = get();
+    WithoutGil([&] { return b.Synchronize(); });
   }
 
   py::dict stats() const {
@@ -357,12 +347,7 @@ class Region {
     if (!s.ok()) Raise(s);
   }
   void evict(size_t offset, size_t len) {
-    Status s;
-    {
-      py::gil_scoped_release nogil;  // compresses and writes
-      s = r_->Evict(offset, len);
-    }
-    if (!s.ok()) Raise(s);
+    WithoutGil([&] { return r_->Evict(offset, len); });  // compresses and writes
   }
   py::dict usage(size_t offset, size_t len) const {
     RangeUsage u = Take(r_->Usage(offset, len));
