@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/synthetic_weights.h"
 #include "faultline/dtype.hpp"
 
 namespace faultline::bench {
@@ -24,30 +25,7 @@ inline double Seconds(Clock::time_point a, Clock::time_point b) {
 // Weight-like data: f32 or bf16 values of a narrow Gaussian.
 inline std::vector<std::byte> Weights(size_t bytes, DType dtype, uint64_t seed = 88172645463325252ull) {
   std::vector<std::byte> out(bytes);
-  uint64_t s = seed;
-  auto next = [&] {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    return s;
-  };
-  auto gauss = [&] {
-    double u = 0;
-    for (int i = 0; i < 4; i++) u += static_cast<double>(next() >> 11) * 0x1.0p-53;
-    return static_cast<float>((u - 2.0) * 0.035);
-  };
-  if (dtype == DType::kF32) {
-    auto* f = reinterpret_cast<float*>(out.data());
-    for (size_t i = 0; i < bytes / 4; i++) f[i] = gauss();
-  } else {
-    auto* h = reinterpret_cast<uint16_t*>(out.data());
-    for (size_t i = 0; i < bytes / 2; i++) {
-      float v = gauss();
-      uint32_t b;
-      memcpy(&b, &v, 4);
-      h[i] = static_cast<uint16_t>(b >> 16);
-    }
-  }
+  internal::FillSyntheticWeights(out.data(), bytes, dtype, seed);
   return out;
 }
 

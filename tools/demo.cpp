@@ -19,6 +19,7 @@
 
 #include <cblas.h>
 
+#include "core/synthetic_weights.h"
 #include "faultline/bundle.hpp"
 #include "faultline/paging.hpp"
 #include "faultline/safetensors.hpp"
@@ -39,35 +40,6 @@ struct DemoTensor {
   std::vector<uint64_t> shape;
   std::vector<std::byte> bytes;
 };
-
-// Weights that look like trained ones: roughly Gaussian, small scale.
-void FillWeights(std::vector<std::byte>& out, DType dtype, uint64_t seed) {
-  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  auto next = [&] {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    return s;
-  };
-  auto gauss = [&] {
-    // Sum of four uniforms: close enough to a normal for weights.
-    double u = 0;
-    for (int i = 0; i < 4; i++) u += static_cast<double>(next() >> 11) * 0x1.0p-53;
-    return (u - 2.0) * 0.035;
-  };
-  if (dtype == DType::kF32) {
-    auto* f = reinterpret_cast<float*>(out.data());
-    for (size_t i = 0; i < out.size() / 4; i++) f[i] = static_cast<float>(gauss());
-  } else {  // bf16: the top half of the f32
-    auto* h = reinterpret_cast<uint16_t*>(out.data());
-    for (size_t i = 0; i < out.size() / 2; i++) {
-      float v = static_cast<float>(gauss());
-      uint32_t bits;
-      memcpy(&bits, &v, 4);
-      h[i] = static_cast<uint16_t>(bits >> 16);
-    }
-  }
-}
 
 bool WriteSafetensors(const std::string& path, const std::vector<DemoTensor>& tensors) {
   std::string header = "{";
@@ -116,7 +88,8 @@ int main(int argc, char** argv) {
     uint64_t n = DTypeSize(dt);
     for (auto d : t.shape) n *= d;
     t.bytes.resize(n);
-    FillWeights(t.bytes, dt, seed);
+    // Weights that look like trained ones: roughly Gaussian, small scale.
+    internal::FillSyntheticWeights(t.bytes.data(), t.bytes.size(), dt, seed * 0x9E3779B97F4A7C15ull + 1);
     tensors.push_back(std::move(t));
   };
   add("embed.weight", DType::kBF16, {vocab, d_model}, 1);
