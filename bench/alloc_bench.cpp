@@ -8,22 +8,32 @@
 // order pass after pass (offloaded weights at inference), beside the limit
 // (the same bytes read from the page cache in 64 KiB preads) and beside
 // resident memory.
+// InstallCycle: what bringing spilled data back and dropping it again costs
+// per byte, by the way the engine does it and by two ways it might, with a
+// thread of the process busy on the other CPU (as in an offloaded forward
+// pass, where every TLB flush interrupts it); see docs/ARCHITECTURE.md.
 // SmallAlloc: malloc/free of small sizes through the shim's malloc (the
 // preload library, dlopen'ed so that both run in this process) beside
 // glibc's allocator.
 #include <benchmark/benchmark.h>
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #include <zstd.h>
 
+#include <atomic>
 #include <cstring>
+#include <thread>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "bench_util.h"
+#include "core/checksum.h"
 #include "faultline/alloc.hpp"
+#include "os/meminfo.h"
+#include "os/uffd.h"
 
 extern "C" {
 void* __libc_malloc(size_t);
@@ -36,6 +46,7 @@ using namespace faultline::bench;
 namespace {
 
 constexpr size_t kChunk = kManagedChunk;
+constexpr size_t kUnitBytes = 2u << 20;  // AllocConfig::huge_units
 
 // The sum of every 8 bytes: a read of all of them.
 uint64_t SumPass(const uint8_t* p, size_t size) {
@@ -126,9 +137,11 @@ BENCHMARK(BM_Sweep)->Arg(512)->UseManualTime()->Iterations(3)->Unit(benchmark::k
 
 // range(0): region MiB, written once with f32 weights (they do not compress,
 // so they spill raw), then read in order again and again under a budget of
-// a quarter: the pattern of a model offloaded for inference. Beside the
-// limit, the same bytes read back from a file in the page cache in 64 KiB
-// preads and summed (what each pass has to do at least), and beside the
+// a quarter: the pattern of a model offloaded for inference. Two regions
+// alike, one reading spilled data back in whole 2 MiB units where it can
+// (AllocConfig::huge_units, the default) and one chunk by chunk; beside
+// them the limit, the same bytes read back from a file in the page cache in
+// 64 KiB preads and summed (what each pass has to do at least), and the
 // same pass over resident memory.
 void BM_ReadSweep(benchmark::State& state) {
   const size_t size = static_cast<size_t>(state.range(0)) << 20;
@@ -137,8 +150,12 @@ void BM_ReadSweep(benchmark::State& state) {
   c.budget = size / 4;
   c.zstd_level = 1;
   auto r = ManagedRegion::Create(size, c);
+  c.huge_units = false;
+  auto rc = ManagedRegion::Create(size, c);
   if (!r.ok()) return state.SkipWithError(r.status().message());
+  if (!rc.ok()) return state.SkipWithError(rc.status().message());
   auto* p = static_cast<uint8_t*>((*r)->data());
+  auto* pc = static_cast<uint8_t*>((*rc)->data());
   std::vector<uint8_t> resident(size);
   std::string path = TempPath("alloc-read-limit");
   int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -146,6 +163,7 @@ void BM_ReadSweep(benchmark::State& state) {
   for (size_t off = 0; off < size; off += kChunk) {
     const auto* chunk = src[(off / kChunk) % src.size()].data();
     memcpy(p + off, chunk, kChunk);
+    memcpy(pc + off, chunk, kChunk);
     memcpy(resident.data() + off, chunk, kChunk);
     if (pwrite(fd, chunk, kChunk, static_cast<off_t>(off)) != static_cast<ssize_t>(kChunk)) {
       close(fd);
@@ -153,12 +171,13 @@ void BM_ReadSweep(benchmark::State& state) {
     }
   }
   uint64_t expect = SumPass(resident.data(), size);
-  if (SumPass(p, size) != expect) {  // the first pass, untimed: everything spilled is clean from here on
+  // The first passes, untimed: everything spilled is clean from here on.
+  if (SumPass(p, size) != expect || SumPass(pc, size) != expect) {
     close(fd);
     return state.SkipWithError("managed memory read back wrong");
   }
   std::vector<uint8_t> buf(kChunk);
-  double managed = 0, limit = 0, res = 0;
+  double managed = 0, chunked = 0, limit = 0, res = 0;
   uint64_t loads0 = (*r)->stats().loads, ahead0 = (*r)->stats().prefetched;
   for (auto _ : state) {
     auto t0 = Clock::now();
@@ -167,6 +186,10 @@ void BM_ReadSweep(benchmark::State& state) {
     if (sum != expect) return state.SkipWithError("managed memory read back wrong");
     managed += s;
     state.SetIterationTime(s);
+    t0 = Clock::now();
+    sum = SumPass(pc, size);
+    chunked += Seconds(t0, Clock::now());
+    if (sum != expect) return state.SkipWithError("managed memory read back wrong (chunk by chunk)");
     t0 = Clock::now();
     sum = 0;
     for (size_t off = 0; off < size; off += kChunk) {
@@ -183,14 +206,145 @@ void BM_ReadSweep(benchmark::State& state) {
   AllocStats st = (*r)->stats();
   double n = static_cast<double>(size) * static_cast<double>(state.iterations());
   state.counters["managed_GBps"] = n / managed / 1e9;
+  state.counters["chunks_GBps"] = n / chunked / 1e9;
   state.counters["limit_GBps"] = n / limit / 1e9;
   state.counters["resident_GBps"] = n / res / 1e9;
   state.counters["ratio_vs_limit"] = limit / managed;
+  state.counters["ratio_vs_chunks"] = chunked / managed;
   state.counters["ratio_vs_resident"] = res / managed;
   state.counters["read_ahead"] = static_cast<double>(st.prefetched - ahead0) / static_cast<double>(st.loads - loads0);
-  state.counters["compression"] = st.compression_ratio();
+  state.counters["unit_loads"] = static_cast<double>(st.unit_loads * kUnitBytes) / static_cast<double>(st.loads * kChunk);
 }
 BENCHMARK(BM_ReadSweep)->Arg(512)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
+
+// A thread of this process reading memory until destroyed.
+class BusyThread {
+ public:
+  BusyThread()
+      : t_([this] {
+          std::vector<uint8_t> buf(1 << 20, 1);
+          uint64_t s = 0;
+          while (!stop_.load(std::memory_order_relaxed)) s += SumPass(buf.data(), buf.size());
+          benchmark::DoNotOptimize(s);
+        }) {}
+  ~BusyThread() {
+    stop_ = true;
+    t_.join();
+  }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::thread t_;
+};
+
+// `len` bytes of anonymous memory aligned to `align` (left mapped: the
+// benchmark's process ends soon after).
+uint8_t* MapAligned(size_t len, size_t align) {
+  void* map;
+  uint64_t map_len;
+  return reinterpret_cast<uint8_t*>(internal::MapAligned(len, align, &map, &map_len));
+}
+
+// Each iteration brings 256 MiB back from a file in the page cache, 64 KiB
+// read and checked (XXH3) at a time, and drops it again, three ways:
+//   copy    the engine's way: UFFDIO_COPY_MODE_WP from a buffer, dropped
+//           by MADV_DONTNEED in 1 MiB runs (the evictor's clean runs);
+//   move64  read into a pooled 64 KiB slot, UFFDIO_MOVE in, write-protect,
+//           UFFDIO_MOVE back into the slot (the pager's frame pool, plus
+//           the protection dirty tracking needs);
+//   huge    32 chunks read into a 2 MiB transparent huge page, moved in as
+//           one entry, write-protected, hashed again (a write between the
+//           move and the protection would otherwise go unseen), moved back
+//           (where UFFDIO_MOVE and THP are available).
+// Reported: GB/s of each and their ratios to copy, measured in one run.
+void BM_InstallCycle(benchmark::State& state) {
+  using internal::Uffd;
+  auto u = Uffd::Open();
+  if (!u.ok()) return state.SkipWithError(u.status().message());
+  if (!u->features().wp || !u->features().move) return state.SkipWithError("no userfaultfd write-protect or UFFDIO_MOVE");
+  const size_t size = 256u << 20, run = 16 * kChunk;
+  const size_t huge = internal::TransparentHugePageSize();
+  const auto src = Chunks(DType::kF32, 3000);
+  std::string path = TempPath("install-cycle");
+  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  unlink(path.c_str());
+  const size_t file_chunks = 64;  // 4 MiB, read over and over
+  for (size_t i = 0; i < file_chunks; i++)
+    if (pwrite(fd, src[i % src.size()].data(), kChunk, static_cast<off_t>(i * kChunk)) != static_cast<ssize_t>(kChunk)) {
+      close(fd);
+      return state.SkipWithError("pwrite");
+    }
+  auto read_chunk = [&](size_t i, void* to) {
+    bool ok = pread(fd, to, kChunk, static_cast<off_t>((i % file_chunks) * kChunk)) == static_cast<ssize_t>(kChunk);
+    benchmark::DoNotOptimize(internal::Checksum64(to, kChunk));
+    return ok;
+  };
+  const size_t align = huge ? huge : run;
+  uint8_t* small = MapAligned(size, align);
+  uint8_t* big = huge ? MapAligned(size, huge) : nullptr;
+  const size_t pool_slots = 64;
+  uint8_t* pool = MapAligned(pool_slots * kChunk, kChunk);
+  uint8_t* hpool = huge ? MapAligned(huge, huge) : nullptr;
+  if (!small || !pool || (huge && (!big || !hpool))) {
+    close(fd);
+    return state.SkipWithError("mmap");
+  }
+  madvise(small, size, MADV_NOHUGEPAGE);
+  madvise(pool, pool_slots * kChunk, MADV_NOHUGEPAGE);
+  memset(pool, 1, pool_slots * kChunk);
+  bool ok = u->RegisterMissingWp(small, size).ok() && u->RegisterMissing(pool, pool_slots * kChunk).ok();
+  if (huge) {
+    madvise(big, size, MADV_HUGEPAGE);
+    madvise(hpool, huge, MADV_HUGEPAGE);
+    memset(hpool, 1, huge);
+    ok = ok && u->RegisterMissingWp(big, size).ok() && u->RegisterMissing(hpool, huge).ok();
+  }
+  if (!ok) {
+    close(fd);
+    return state.SkipWithError("userfaultfd register");
+  }
+  std::vector<uint8_t> buf(kChunk);
+  BusyThread busy;
+  double copy_s = 0, move_s = 0, huge_s = 0;
+  bool failed = false;
+  for (auto _ : state) {
+    auto t0 = Clock::now();
+    for (size_t off = 0; off < size && !failed; off += kChunk) {
+      failed |= !read_chunk(off / kChunk, buf.data()) || u->CopyWp(small + off, buf.data(), kChunk) != 0;
+      if ((off + kChunk) % run == 0) madvise(small + off + kChunk - run, run, MADV_DONTNEED);
+    }
+    double s = Seconds(t0, Clock::now());
+    copy_s += s;
+    state.SetIterationTime(s);
+    t0 = Clock::now();
+    for (size_t off = 0; off < size && !failed; off += kChunk) {
+      uint8_t* slot = pool + (off / kChunk % pool_slots) * kChunk;
+      failed |= !read_chunk(off / kChunk, slot) || u->Move(small + off, slot, kChunk, false) != 0 ||
+                u->WriteProtect(small + off, kChunk, true) != 0 || u->Move(slot, small + off, kChunk, false) != 0;
+    }
+    move_s += Seconds(t0, Clock::now());
+    if (!huge) continue;
+    t0 = Clock::now();
+    for (size_t off = 0; off < size && !failed; off += huge) {
+      for (size_t k = 0; k < huge; k += kChunk) failed |= !read_chunk((off + k) / kChunk, hpool + k);
+      failed |= u->Move(big + off, hpool, huge, false) != 0 || u->WriteProtect(big + off, huge, true) != 0;
+      benchmark::DoNotOptimize(internal::Checksum64(big + off, huge));
+      failed |= u->Move(hpool, big + off, huge, false) != 0;
+    }
+    huge_s += Seconds(t0, Clock::now());
+  }
+  close(fd);
+  if (failed) return state.SkipWithError("a read, install or move failed");
+  double n = static_cast<double>(size) * static_cast<double>(state.iterations());
+  state.counters["copy_GBps"] = n / copy_s / 1e9;
+  state.counters["move64_GBps"] = n / move_s / 1e9;
+  state.counters["move64_vs_copy"] = copy_s / move_s;
+  if (huge) {
+    state.counters["huge_GBps"] = n / huge_s / 1e9;
+    state.counters["huge_vs_copy"] = copy_s / huge_s;
+  }
+}
+BENCHMARK(BM_InstallCycle)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
 
 // The shim's malloc and free, from the preload library loaded locally.
 struct Shim {

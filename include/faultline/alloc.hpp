@@ -33,9 +33,14 @@ struct AllocConfig {
   int zstd_level = 1;            // 0 = store raw
   uint64_t arena = 1ull << 40;   // address space reserved for the heap's blocks
   unsigned workers = 2;          // fault-service threads
+  // Sequential read-back in whole 2 MiB units (blocks of 2 MiB or more,
+  // budgets of 64 MiB or more, UFFDIO_MOVE and transparent huge pages
+  // available): a unit whose chunks are all on disk is read at once into a
+  // huge page and moved in as one page-table entry.
+  bool huge_units = true;
 
   // Defaults overridden by FAULTLINE_BUDGET, FAULTLINE_THRESHOLD,
-  // FAULTLINE_SPILL_DIR, FAULTLINE_SPILL_CODEC (ignored in setuid programs;
+  // FAULTLINE_SPILL_DIR, FAULTLINE_SPILL_CODEC, FAULTLINE_HUGE (ignored in setuid programs;
   // a bad value warns once and keeps the default).
   static AllocConfig FromEnvironment();
 };
@@ -49,7 +54,8 @@ struct AllocStats {
   uint64_t clean_drops = 0;       // chunks dropped that still had their copy on disk
   uint64_t zero_drops = 0;        // chunks dropped that were all zeros (nothing written)
   uint64_t loads = 0;             // chunks read back from disk, on a fault or ahead of one (counted as the read starts)
-  uint64_t prefetched = 0;        // of those, read back ahead of a fault (MADV_WILLNEED, Prefetch)
+  uint64_t prefetched = 0;        // of those, read back ahead of a fault (MADV_WILLNEED, Prefetch, readahead)
+  uint64_t unit_loads = 0;        // 2 MiB units read back at once (AllocConfig::huge_units; their chunks count in loads)
   uint64_t write_faults = 0;      // first writes to clean chunks
   uint64_t errors = 0;            // spill reads or writes that failed
   uint64_t bytes_spilled = 0, bytes_stored = 0;  // before and after compression

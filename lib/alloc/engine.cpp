@@ -24,6 +24,7 @@
 #include "core/checksum.h"
 #include "core/status_macros.h"
 #include "io/uring.h"
+#include "os/meminfo.h"
 
 namespace faultline::internal {
 
@@ -32,6 +33,8 @@ namespace {
 constexpr size_t kChunk = kManagedChunk;
 constexpr size_t kBlockAlign = 4096;  // spill extents are whole 4 KiB blocks
 constexpr size_t kMaxQueued = 4096;   // chunks queued for reading back (256 MiB), at most
+constexpr size_t kUnit = 2u << 20;    // whole-unit loads: the x86-64 huge page
+constexpr size_t kUnitChunks = kUnit / kChunk;
 
 size_t RoundUp(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
@@ -49,6 +52,12 @@ std::vector<AllocEngine*>& Engines() {
   return *v;
 }
 
+}  // namespace
+
+int RawMadvise(void* addr, size_t len, int advice) noexcept;
+
+namespace {
+
 bool AllZero(const unsigned char* p, size_t n) {
   const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
   for (size_t i = 0; i < n / 8; i++)
@@ -56,17 +65,34 @@ bool AllZero(const unsigned char* p, size_t n) {
   return true;
 }
 
-// Per service thread: staging for one chunk and its compressed form, and
-// zstd contexts.
+// Per service thread: staging for one chunk and its compressed form, zstd
+// contexts, and (made on first use) a huge-page slot that whole units are
+// read into, with room for their compressed forms.
 struct Scratch {
   std::unique_ptr<unsigned char[]> raw{new unsigned char[kChunk]};
   size_t cap = RoundUp(ZSTD_compressBound(kChunk), kBlockAlign);
   std::unique_ptr<unsigned char[]> packed{new unsigned char[cap]};
   ZSTD_CCtx* cctx = ZSTD_createCCtx();
   ZSTD_DCtx* dctx = ZSTD_createDCtx();
+  void* unit_map = nullptr;
+  uint64_t unit_map_len = 0;
+  unsigned char* unit = nullptr;
+  std::unique_ptr<unsigned char[]> unit_packed;
   ~Scratch() {
     ZSTD_freeCCtx(cctx);
     ZSTD_freeDCtx(dctx);
+    if (unit_map) munmap(unit_map, unit_map_len);
+  }
+  // Not registered with any userfaultfd: the kernel gives it a fresh huge
+  // page on the first write after each move. nullptr when it cannot be had.
+  unsigned char* UnitSlot() {
+    if (!unit) {
+      unit = reinterpret_cast<unsigned char*>(MapAligned(kUnit, kUnit, &unit_map, &unit_map_len));
+      if (!unit) return nullptr;
+      RawMadvise(unit, kUnit, MADV_HUGEPAGE);
+      unit_packed.reset(new (std::nothrow) unsigned char[kUnitChunks * cap]);
+    }
+    return unit_packed ? unit : nullptr;
   }
 };
 Scratch& ThreadScratch() {
@@ -141,6 +167,11 @@ Result<std::unique_ptr<AllocEngine>> AllocEngine::Create(const AllocConfig& conf
   e->prefetch_.resize(std::min<size_t>(std::max<size_t>(1, e->LowWater() / kChunk), kMaxQueued));
   FL_RETURN_IF_ERROR(e->NewSpillFile());
   FL_RETURN_IF_ERROR(e->Start());
+  // Whole-unit loads need UFFDIO_MOVE, huge pages of 2 MiB, PAGEMAP_SCAN to
+  // tell a staged unit is one, and headroom under the budget for a unit.
+  if (e->config_.huge_units && e->uffd_->features().move && TransparentHugePageSize() == kUnit &&
+      e->pagemap_.valid() && HugeMapped(e->pagemap_.get(), a, 4096) >= 0 && e->HeadroomChunks() >= kUnitChunks)
+    e->unit_ = kUnit;
   std::lock_guard g(g_engines_mu);
   static bool atfork = [] {
     pthread_atfork(AtforkPrepare, AtforkParent, AtforkChild);
@@ -157,6 +188,7 @@ Status AllocEngine::Start() {
   if (!u->features().wp)
     return Status::Error(ENOTSUP, "userfaultfd has no write-protect faults for anonymous memory (kernel < 5.7)");
   uffd_ = std::make_unique<Uffd>(std::move(u).value());
+  pagemap_.reset(open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));  // this process's (again in a fork child)
   stop_fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!stop_fd_.valid()) return Status::Error(errno, "eventfd");
   threads_.clear();
@@ -201,7 +233,8 @@ void AllocEngine::EvictorLoop() {
       Block* b = Find(a);
       Chunk* c = b ? &b->chunks[(a - b->base) / kChunk] : nullptr;
       if (c && c->queued && c->state == CState::kSpilled) {
-        Load(lk, c, /*prefetch=*/true);  // unlocks: a fault on it meanwhile waits for this load
+        // Both unlock: a fault on it meanwhile waits for this load.
+        if (!LoadUnit(lk, c, /*prefetch=*/true)) Load(lk, c, /*prefetch=*/true);
         if (!lk.owns_lock()) lk.lock();
       }
       continue;
@@ -385,7 +418,7 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
         uffd_->Wake(at, kChunk);
         return;
       }
-      MakeRoom(lk);
+      MakeRoom(lk, kChunk);
       if (c->state != CState::kUntouched && c->state != CState::kZero) {
         lk.unlock();
         uffd_->Wake(at, kChunk);
@@ -423,7 +456,7 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
         uffd_->Wake(at, kChunk);
         return;
       }
-      ReadAhead(b, c->index);
+      if (ReadAhead(b, c->index) && LoadUnit(lk, c, /*prefetch=*/false)) return;
       Load(lk, c);
       return;
     case CState::kError:
@@ -433,11 +466,16 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
   }
 }
 
-// Frees budget for one more chunk by evicting the oldest resident chunks.
-void AllocEngine::MakeRoom(std::unique_lock<std::mutex>& lk) {
-  int guard = 0;
-  while (st_.resident_bytes + kChunk > config_.budget && lru_head_ && guard++ < 64) {
+// Frees budget for `need` more bytes by evicting the oldest resident chunks
+// (clean ones in runs).
+void AllocEngine::MakeRoom(std::unique_lock<std::mutex>& lk, uint64_t need) {
+  size_t guard = 0;
+  while (st_.resident_bytes + need > config_.budget && lru_head_ && guard++ < 64 + need / kChunk) {
     Chunk* victim = lru_head_;
+    if (victim->state == CState::kClean) {
+      DropCleanRun();
+      continue;
+    }
     if (spill_full_) {
       // Only chunks that need no write can go.
       victim = nullptr;
@@ -550,7 +588,13 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
 
 // Reads a spilled chunk back and installs it write-protected (clean).
 void AllocEngine::Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch) {
-  MakeRoom(lk);
+  const uintptr_t addr = ChunkAddr(c);
+  MakeRoom(lk, kChunk);
+  // Making room may unlock: the block can have been freed meanwhile (a
+  // prefetch of memory the program frees).
+  Block* b = Find(addr);
+  if (!b) return;
+  c = &b->chunks[(addr - b->base) / kChunk];
   if (c->state != CState::kSpilled) {  // changed while making room
     void* at = reinterpret_cast<void*>(ChunkAddr(c));
     if (c->state == CState::kLoading || c->state == CState::kEvicting) c->waiters = true;
@@ -810,7 +854,9 @@ void* AllocEngine::Allocate(size_t size, size_t alignment) noexcept {
     errno = ENOMEM;
     return nullptr;
   }
-  uint64_t base = arena_.Take(mapped, align, hi_);
+  uint64_t base = FreeList::kNone;
+  if (unit_ && mapped >= unit_) base = arena_.Take(mapped, std::max(align, unit_), hi_);  // whole units can be moved in
+  if (base == FreeList::kNone) base = arena_.Take(mapped, align, hi_);
   if (base == FreeList::kNone) {
     errno = ENOMEM;
     return nullptr;
@@ -859,7 +905,12 @@ void AllocEngine::Free(void* p) noexcept {
 // sweep reads them back in order): one madvise, so one TLB shootdown, for
 // up to 1 MiB, and at most the headroom under the budget at once.
 void AllocEngine::DropCleanRun() {
-  const size_t most = std::min<size_t>(16, HeadroomChunks());
+  size_t most = std::min<size_t>(16, HeadroomChunks());
+  if (UnitCapable(lru_head_->block)) {
+    // Up to the end of its unit: a unit loaded whole goes in one call, and
+    // its huge page is not split.
+    most = std::min<size_t>(kUnitChunks - lru_head_->index % kUnitChunks, HeadroomChunks());
+  }
   size_t n = 1;
   for (Chunk* c = lru_head_; n < most && c->next && c->next->state == CState::kClean &&
                              c->next->block == c->block && c->next->index == c->index + 1;
@@ -892,19 +943,150 @@ size_t AllocEngine::HeadroomChunks() const { return std::max<uint64_t>(1, (confi
 // doubles from 2 to 16 while the loads stay sequential, and a fault inside
 // or just past the window (its chunks came in without faulting) counts as
 // sequential too. Never more than the headroom under the budget at once.
-void AllocEngine::ReadAhead(Block* b, size_t index) {
+// In a block that takes whole units the window is the next unit (the
+// background thread reads it whole while the faulting thread reads its own
+// unit: with a wider window the background thread did all the reading, and
+// a read sweep ran at 2.4-2.6 GB/s against 2.9-3.5 with one unit). Returns
+// whether the fault was sequential.
+bool AllocEngine::ReadAhead(Block* b, size_t index) {
   bool sequential = b->last_load != SIZE_MAX && index > b->last_load && index <= b->ra_end + 1;
   b->ra = sequential ? std::min<size_t>(b->ra ? 2 * b->ra : 2, 16) : 0;
   b->last_load = index;
   if (!b->ra) {
     b->ra_end = index;
-    return;
+    return false;
   }
   size_t most = HeadroomChunks();
-  size_t end = std::min({index + std::min(b->ra, most), b->count - 1});
+  size_t end = index + std::min(b->ra, most);
+  if (UnitCapable(b)) end = (index / kUnitChunks + 2) * kUnitChunks - 1;
+  end = std::min(end, b->count - 1);
   size_t from = std::max(index, b->ra_end) + 1;
   if (from <= end) QueuePrefetch(b->base + from * kChunk, b->base + (end + 1) * kChunk);
   b->ra_end = std::max(b->ra_end, end);
+  return true;
+}
+
+bool AllocEngine::UnitCapable(const Block* b) const { return unit_ && b->base % unit_ == 0 && b->mapped >= unit_; }
+
+// Whole-unit loads. Where the 2 MiB unit holding `c` lies in its block and
+// every chunk of it is spilled (and, for a background read, queued: a hint
+// for one chunk does not read 32), its chunks are read in one batch into
+// this thread's huge-page slot, checked, decompressed, and the slot's huge
+// page is moved into place by one UFFDIO_MOVE (one page-table entry, one
+// TLB flush, no page allocated or copied; 64 KiB installs by UFFDIO_COPY
+// cost 3-4x more per byte, and moving 64 KiB of small pages costs a TLB
+// flush per page: see docs/ARCHITECTURE.md). A move has no write-protect
+// mode, so the unit is protected after it, and a write that landed in
+// between is found by hashing every chunk again: that chunk comes back
+// dirty. Where the slot did not get a huge page, or the move stops part
+// way, the rest goes in by UFFDIO_COPY_MODE_WP. A read or check that fails
+// puts everything back as it was and returns false: the chunk is then
+// loaded alone, which reports the error.
+bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch) {
+  Block* b = c->block;
+  if (!UnitCapable(b)) return false;
+  const size_t first = c->index / kUnitChunks * kUnitChunks;
+  if (first + kUnitChunks > b->count) return false;
+  const uintptr_t at = b->base + first * kChunk;
+  for (size_t i = first; i < first + kUnitChunks; i++) {
+    const Chunk& k = b->chunks[i];
+    if (k.state != CState::kSpilled || (prefetch && !k.queued)) return false;
+  }
+  Scratch& s = ThreadScratch();
+  unsigned char* slot = s.UnitSlot();
+  if (!slot) return false;
+  // Room by dropping clean chunks only, which never unlocks (so b and c
+  // stay valid); where the oldest are dirty, the chunk path makes room.
+  while (st_.resident_bytes + kUnit > config_.budget && lru_head_ && lru_head_->state == CState::kClean)
+    DropCleanRun();
+  if (st_.resident_bytes + kUnit > config_.budget) return false;
+  struct Part {
+    int fd;
+    uint64_t offset;
+    uint32_t stored;
+    uint64_t sum;
+  } parts[kUnitChunks];
+  for (size_t i = 0; i < kUnitChunks; i++) {
+    Chunk& k = b->chunks[first + i];
+    k.state = CState::kLoading;
+    k.queued = false;
+    parts[i] = {files_[k.file].fd.get(), k.offset, k.stored, k.checksum};
+  }
+  in_flight_++;
+  st_.resident_bytes += kUnit;
+  st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);
+  lk.unlock();
+
+  ReadOp ops[kUnitChunks];
+  for (size_t i = 0; i < kUnitChunks; i++) {
+    bool raw = parts[i].stored == kChunk;
+    ops[i] = {parts[i].fd, parts[i].offset, ExtentLen(parts[i].stored),
+              raw ? slot + i * kChunk : s.unit_packed.get() + i * s.cap};
+  }
+  Status err = ReadBatch({ops, kUnitChunks}, "the spill file");
+  uint64_t raw_sum[kUnitChunks];
+  for (size_t i = 0; i < kUnitChunks && err.ok(); i++) {
+    const auto* stored = static_cast<const unsigned char*>(ops[i].buf);
+    if (!ChecksumMatches(parts[i].sum, stored, parts[i].stored)) {
+      err = Status::Error(EBADMSG, "a spilled chunk failed its checksum");
+    } else if (parts[i].stored == kChunk) {
+      raw_sum[i] = parts[i].sum;
+    } else {
+      size_t z = ZSTD_decompressDCtx(s.dctx, slot + i * kChunk, kChunk, stored, parts[i].stored);
+      if (ZSTD_isError(z) || z != kChunk) err = Status::Error(EBADMSG, "a spilled chunk does not decompress");
+      else raw_sum[i] = Checksum64(slot + i * kChunk, kChunk);
+    }
+  }
+  bool dirty[kUnitChunks] = {};
+  if (err.ok()) {
+    auto* dst = reinterpret_cast<unsigned char*>(at);
+    uint64_t moved = 0;
+    if (HugeMapped(pagemap_.get(), slot, kUnit) == 1) (void)uffd_->Move(dst, slot, kUnit, /*wake=*/false, &moved);
+    if (moved < kUnit) (void)uffd_->CopyWp(dst + moved, slot + moved, kUnit - moved);
+    if (moved) {
+      uffd_->WriteProtect(dst, moved, true);
+      for (size_t i = 0; i * kChunk < moved; i++) dirty[i] = Checksum64(dst + i * kChunk, kChunk) != raw_sum[i];
+    }
+  }
+
+  lk.lock();
+  in_flight_--;
+  idle_cv_.notify_all();
+  for (size_t i = 0; i < kUnitChunks; i++) {
+    Chunk& k = b->chunks[first + i];
+    k.waiters = false;  // the whole unit is woken below
+    if (!err.ok()) {
+      k.state = CState::kSpilled;
+      continue;
+    }
+    if (dirty[i]) {
+      k.state = CState::kDirty;
+      st_.write_faults++;
+      uffd_->WriteProtect(reinterpret_cast<void*>(at + i * kChunk), kChunk, false);  // under the lock, as in HandleFault
+    } else {
+      k.state = CState::kClean;
+    }
+    LinkResident(&k);
+  }
+  if (!err.ok()) {
+    // Faults that waited fault again and load their chunks alone; the
+    // block cannot have gone (Free waits for loading chunks).
+    st_.resident_bytes -= kUnit;
+    uffd_->Wake(reinterpret_cast<void*>(at), kUnit);
+    return false;
+  }
+  st_.loads += kUnitChunks;
+  st_.unit_loads++;
+  if (prefetch) {
+    st_.prefetched += kUnitChunks;
+  } else {
+    st_.prefetched += kUnitChunks - 1;
+    c->faults++;
+  }
+  KickEvictor();
+  lk.unlock();
+  uffd_->Wake(reinterpret_cast<void*>(at), kUnit);
+  return true;
 }
 
 // Queues the spilled chunks of [lo, hi) for the background thread, newest

@@ -10,6 +10,10 @@
 //   untouched/zero --(first touch: zero pages)--> dirty
 //   dirty --(evict: write-protect, compress, write, drop)--> spilled
 //   spilled --(touch: read, check, decompress, install write-protected)--> clean
+//     (sequentially read 2 MiB units whose chunks are all spilled come back
+//     together: read into a huge page, moved in as one entry, protected,
+//     then hashed again; a chunk written between the move and the
+//     protection comes back dirty; see LoadUnit)
 //   clean --(first write: WP fault, unprotect)--> dirty
 //   clean --(evict: drop, nothing written)--> spilled
 //   a dirty chunk that is all zeros at eviction --> zero (nothing written)
@@ -116,10 +120,14 @@ class AllocEngine {
   void EvictorLoop();                   // evicts ahead of the faults, serves prefetches
   uint64_t LowWater() const;
   void KickEvictor();
-  void MakeRoom(std::unique_lock<std::mutex>& lk);
+  void MakeRoom(std::unique_lock<std::mutex>& lk, uint64_t need);
   bool Evict(std::unique_lock<std::mutex>& lk, Chunk* c);
   void DropCleanRun();  // the oldest chunk, clean, and its clean neighbours
   void Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch = false);
+  // The unit holding c, whole, when it applies: true with the lock
+  // released; false with it held, never released meanwhile (load c alone).
+  bool LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch);
+  bool UnitCapable(const Block* b) const;
   Block* Find(uintptr_t addr) const;
   Block* FindFrom(uintptr_t addr) const;  // the block holding addr, or the first after it
   // fn(Chunk*) for every chunk of a block that [lo, hi) touches, in address
@@ -139,7 +147,7 @@ class AllocEngine {
   void LinkResident(Chunk* c);
   void LinkOldest(Chunk* c);
   void QueuePrefetch(uintptr_t lo, uintptr_t hi);
-  void ReadAhead(Block* b, size_t index);  // on a fault that loads chunk `index` of b
+  bool ReadAhead(Block* b, size_t index);  // on a fault that loads chunk `index` of b; whether sequential
   size_t HeadroomChunks() const;           // the budget above the low-water mark, in chunks (>= 1)
   void DropClean(Chunk* first, size_t n);  // n clean chunks, in eviction and address order
   bool PageOut(std::unique_lock<std::mutex>& lk, uintptr_t lo, uintptr_t hi);
@@ -155,6 +163,10 @@ class AllocEngine {
 
   AllocConfig config_;
   uintptr_t lo_ = 0, hi_ = 0;  // the arena
+  // The unit of whole-unit loads (the 2 MiB huge page size), 0 = off; and
+  // /proc/self/pagemap, to tell whether a staged unit is one huge page.
+  size_t unit_ = 0;
+  UniqueFd pagemap_;
   std::unique_ptr<Uffd> uffd_;
   UniqueFd stop_fd_;            // eventfd: service threads leave
   std::vector<std::thread*> threads_;

@@ -29,6 +29,7 @@ AllocConfig AllocConfig::FromEnvironment() {
   internal::OptionSize(OptionId::kBudget, &c.budget);
   internal::OptionSize(OptionId::kThreshold, &c.threshold);
   if (const char* v = internal::OptionValue(OptionId::kSpillDir)) c.spill_dir = v;
+  internal::OptionFlag(OptionId::kHuge, &c.huge_units);
   if (const char* v = internal::OptionValue(OptionId::kSpillCodec)) {
     int level = -1;
     if (!strcmp(v, "raw")) level = 0;
@@ -59,7 +60,8 @@ std::string AllocStats::ToString() const {
     << "  resident " << FormatSize(resident_bytes) << ", peak " << FormatSize(peak_resident_bytes) << ", budget "
     << FormatSize(budget_bytes) << "\n"
     << "  chunks zero-filled " << zero_fills << ", spilled " << spills << ", dropped clean " << clean_drops
-    << ", dropped zero " << zero_drops << ", read back " << loads << " (" << prefetched << " ahead of a fault)"
+    << ", dropped zero " << zero_drops << ", read back " << loads << " (" << prefetched << " ahead of a fault, "
+    << unit_loads << " 2 MiB units)"
     << ", first writes " << write_faults
     << ", errors " << errors << "\n"
     << "  spilled " << FormatSize(bytes_spilled) << " as " << FormatSize(bytes_stored) << " (ratio "
@@ -169,7 +171,8 @@ AllocStats HeapStats() noexcept {
 Result<std::unique_ptr<ManagedRegion>> ManagedRegion::Create(size_t size, const AllocConfig& config) {
   if (size == 0) return Status::Error(EINVAL, "a managed region needs a size");
   AllocConfig c = config;
-  c.arena = (size + 2 * kManagedChunk - 1) / kManagedChunk * kManagedChunk + kManagedChunk;
+  // Its block, and address space to start it on a 2 MiB boundary (whole-unit loads).
+  c.arena = (size + 2 * kManagedChunk - 1) / kManagedChunk * kManagedChunk + kManagedChunk + (2u << 20);
   if (c.budget == 0) c.budget = AllocConfig::FromEnvironment().budget;
   FL_ASSIGN_OR_RETURN(auto engine, internal::AllocEngine::Create(c));
   void* p = engine->Allocate(size, kManagedChunk);

@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -155,6 +156,16 @@ int HugeMapped(int pagemap_fd, const void* addr, size_t len) noexcept {
   // One region, the whole range, present and huge.
   return n == 1 && r[0].start == a.start && r[0].end == a.end &&
          r[0].categories == (kPageIsPresent | kPageIsHuge);
+}
+
+std::byte* MapAligned(uint64_t len, uint64_t align, void** map, uint64_t* map_len) noexcept {
+  void* m = mmap(nullptr, len + align, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (m == MAP_FAILED) return nullptr;
+  *map = m;
+  *map_len = len + align;
+  auto* p = reinterpret_cast<std::byte*>((reinterpret_cast<uintptr_t>(m) + align - 1) & ~(align - 1));
+  madvise(p, len, MADV_DONTFORK);
+  return p;
 }
 
 }  // namespace faultline::internal

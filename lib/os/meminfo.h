@@ -31,6 +31,11 @@ bool ReadHostMemory(HostMemory* out) noexcept;
 // Probed once.
 uint64_t TransparentHugePageSize() noexcept;
 
+// Anonymous memory of `len` bytes (MAP_NORESERVE, MADV_DONTFORK) starting at
+// a multiple of `align` (a power of two): *map and *map_len are what to
+// munmap. nullptr when it cannot be had.
+std::byte* MapAligned(uint64_t len, uint64_t align, void** map, uint64_t* map_len) noexcept;
+
 // Whether [addr, addr + len) is mapped by huge page-table entries (PMD-mapped
 // THP or hugetlb), asked of /proc/self/pagemap (`pagemap_fd`) with the
 // PAGEMAP_SCAN ioctl (kernel >= 6.7); 1, 0, or -errno where it cannot tell.

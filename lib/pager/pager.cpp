@@ -45,16 +45,6 @@ void FutexWait(std::atomic<uint32_t>* word, uint32_t expected, long timeout_ns) 
 
 }  // namespace
 
-std::byte* MapAligned(uint64_t len, uint64_t align, void** map, uint64_t* map_len) noexcept {
-  void* m = mmap(nullptr, len + align, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (m == MAP_FAILED) return nullptr;
-  *map = m;
-  *map_len = len + align;
-  auto* p = reinterpret_cast<std::byte*>(AlignUp(reinterpret_cast<uintptr_t>(m), align));
-  madvise(p, len, MADV_DONTFORK);
-  return p;
-}
-
 MovePool::~MovePool() {
   if (map_) munmap(map_, map_len_);
 }

@@ -102,11 +102,6 @@ class FrameQueue {
   size_t head_ = 0, count_ = 0;
 };
 
-// Anonymous memory of `len` bytes (MAP_NORESERVE, MADV_DONTFORK) starting at
-// a multiple of `align`: *map and *map_len are what to munmap. nullptr when
-// it cannot be had.
-std::byte* MapAligned(uint64_t len, uint64_t align, void** map, uint64_t* map_len) noexcept;
-
 // Slots that physical pages cycle through with UFFDIO_MOVE: a load decodes
 // into a full slot and moves its pages into a region; an eviction moves
 // pages back into a hole, so no page is freed, allocated or zeroed on the

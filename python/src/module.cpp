@@ -316,6 +316,7 @@ py::dict AllocStatsDict(const AllocStats& s) {
   d["zero_fills"] = s.zero_fills;
   d["spills"] = s.spills;
   d["clean_drops"] = s.clean_drops;
+  d["unit_loads"] = s.unit_loads;
   d["zero_drops"] = s.zero_drops;
   d["loads"] = s.loads;
   d["prefetched"] = s.prefetched;

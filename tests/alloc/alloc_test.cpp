@@ -21,6 +21,8 @@
 #include "faultline/alloc.hpp"
 #include "faultline/faultline.h"
 #include "helpers.h"
+#include "os/meminfo.h"
+#include "os/uffd.h"
 
 using namespace faultline;
 using namespace faultline::test;
@@ -501,6 +503,92 @@ TEST_CASE("a prefetch racing faults and evictions from several threads never los
   hinter.join();
   CHECK(CountBad(base, size, rounds) == 0);
   CHECK((*r)->stats().prefetched > 0);
+}
+
+// Whether whole-unit loads can happen here (UFFDIO_MOVE, 2 MiB THP).
+bool UnitsAvailable() {
+  auto u = internal::Uffd::Open();
+  return u.ok() && u->features().move && internal::TransparentHugePageSize() == (2u << 20);
+}
+
+TEST_CASE("sequential reads bring whole 2 MiB units back; writes, racing readers and fork keep every byte") {
+  // Three parts of 64 MiB, 128 MiB and 64 MiB: random bytes (stored raw),
+  // pages written by the hammer (they compress), one byte value per page
+  // (compresses well).
+  const size_t size = 256 << 20, q = size / 4;
+  auto r = ManagedRegion::Create(size, Config(64 << 20));
+  REQUIRE(r.ok());
+  auto* base = static_cast<uint8_t*>((*r)->data());
+  uint8_t* mid = base + q;
+  uint8_t* last = base + 3 * q;
+  const std::vector<std::byte> noise = RandomBytes(q, 5);
+  memcpy(base, noise.data(), q);
+  std::vector<uint32_t> rounds(2 * q / 4096, 1);
+  for (size_t i = 0; i < 2 * q; i++) mid[i] = Expect(i, 1);
+  for (size_t pg = 0; pg < q / 4096; pg++) memset(last + pg * 4096, static_cast<int>(1 + pg % 251), 4096);
+  auto others_bad = [&] {
+    size_t bad = memcmp(base, noise.data(), q) != 0;
+    for (size_t pg = 0; pg < q / 4096; pg++)
+      for (size_t i = 0; i < 4096; i += 512) bad += last[pg * 4096 + i] != static_cast<uint8_t>(1 + pg % 251);
+    return bad;
+  };
+  for (int pass = 0; pass < 2; pass++) {
+    CHECK(others_bad() == 0);
+    CHECK(CountBad(mid, 2 * q, rounds) == 0);
+  }
+  AllocStats s = (*r)->stats();
+  MESSAGE(s.ToString());
+  CHECK(s.errors == 0);
+  CHECK(s.peak_resident_bytes <= (64u << 20));
+  CHECK(s.compression_ratio() > 1.0);
+  if (UnitsAvailable()) CHECK(s.unit_loads > 0);
+  else CHECK(s.unit_loads == 0);
+  // Writers hammer random pages of the middle while a reader sweeps the
+  // whole region in order (which loads units): no write is lost, also one
+  // that lands between a unit's move and its write protection.
+  std::atomic<bool> stop{false};
+  std::thread sweeper([&] {
+    uint64_t sum = 0;
+    while (!stop)
+      for (size_t i = 0; i < size && !stop; i += 4096) sum += base[i];
+    CHECK(sum != 1);  // read for real
+  });
+  Hammer(mid, 2 * q, 2, 30000, rounds, 21);
+  stop = true;
+  sweeper.join();
+  CHECK(CountBad(mid, 2 * q, rounds) == 0);
+  CHECK(others_bad() == 0);
+  // A forked child reads every unit back (moved in anew in its own memory)
+  // and writes its own copy; the parent's memory stays as it was.
+  int status = RunInChild([&]() -> int {
+    for (int pass = 0; pass < 2; pass++)
+      if (CountBad(mid, 2 * q, rounds) != 0 || others_bad() != 0) return 2;
+    std::vector<uint32_t> mine = rounds;
+    for (size_t pg = 0; pg < 2 * q / 4096; pg += 3) {
+      uint32_t rr = mine[pg] += 2;
+      for (size_t i = 0; i < 4096; i++) mid[pg * 4096 + i] = Expect(pg * 4096 + i, rr);
+    }
+    return CountBad(mid, 2 * q, mine) == 0 ? 0 : 3;
+  });
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+  CHECK(CountBad(mid, 2 * q, rounds) == 0);
+  CHECK(others_bad() == 0);
+  CHECK((*r)->stats().errors == 0);
+}
+
+TEST_CASE("whole-unit loads can be turned off") {
+  AllocConfig c = Config(64 << 20);
+  c.huge_units = false;
+  const size_t size = 128 << 20;
+  auto r = ManagedRegion::Create(size, c);
+  REQUIRE(r.ok());
+  auto* base = static_cast<uint8_t*>((*r)->data());
+  for (size_t i = 0; i < size; i += 4096) base[i] = static_cast<uint8_t>(i / 4096 + 1);
+  for (int pass = 0; pass < 2; pass++)
+    for (size_t i = 0; i < size; i += 4096) REQUIRE(base[i] == static_cast<uint8_t>(i / 4096 + 1));
+  CHECK((*r)->stats().loads > 0);
+  CHECK((*r)->stats().unit_loads == 0);
 }
 
 TEST_CASE("bad arguments get errors") {
