@@ -234,7 +234,7 @@ void AllocEngine::EvictorLoop() {
       Chunk* c = b ? &b->chunks[(a - b->base) / kChunk] : nullptr;
       if (c && c->queued && c->state == CState::kSpilled) {
         // Both unlock: a fault on it meanwhile waits for this load.
-        if (!LoadUnit(lk, c, /*prefetch=*/true)) Load(lk, c, /*prefetch=*/true);
+        if (!LoadUnit(lk, c, /*prefetch=*/true, /*asked=*/true)) Load(lk, c, /*prefetch=*/true);
         if (!lk.owns_lock()) lk.lock();
       }
       continue;
@@ -456,7 +456,12 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
         uffd_->Wake(at, kChunk);
         return;
       }
-      if (ReadAhead(b, c->index) && LoadUnit(lk, c, /*prefetch=*/false)) return;
+      // A sequential fault reads its unit whole; so does a fault on a unit
+      // queued whole that the background thread has not reached yet (the
+      // next module's weights, asked for by offload's hooks).
+      if (ReadAhead(b, c->index) ? LoadUnit(lk, c, /*prefetch=*/false, /*asked=*/false)
+                                 : c->queued && LoadUnit(lk, c, /*prefetch=*/false, /*asked=*/true))
+        return;
       Load(lk, c);
       return;
     case CState::kError:
@@ -949,7 +954,12 @@ size_t AllocEngine::HeadroomChunks() const { return std::max<uint64_t>(1, (confi
 // a read sweep ran at 2.4-2.6 GB/s against 2.9-3.5 with one unit). Returns
 // whether the fault was sequential.
 bool AllocEngine::ReadAhead(Block* b, size_t index) {
-  bool sequential = b->last_load != SIZE_MAX && index > b->last_load && index <= b->ra_end + 1;
+  // A fault on the first chunk of a block that takes whole units counts as
+  // sequential too: a tensor is read from its start (offloaded weights
+  // every pass; before, each pass read a weight's first unit by chunks).
+  bool start = index == 0 && UnitCapable(b);
+  bool sequential = start || (b->last_load != SIZE_MAX && index > b->last_load && index <= b->ra_end + 1);
+  if (start) b->ra_end = 0;  // a new stream: the window of the last one (at the block's end) is no guide
   b->ra = sequential ? std::min<size_t>(b->ra ? 2 * b->ra : 2, 16) : 0;
   b->last_load = index;
   if (!b->ra) {
@@ -969,8 +979,8 @@ bool AllocEngine::ReadAhead(Block* b, size_t index) {
 bool AllocEngine::UnitCapable(const Block* b) const { return unit_ && b->base % unit_ == 0 && b->mapped >= unit_; }
 
 // Whole-unit loads. Where the 2 MiB unit holding `c` lies in its block and
-// every chunk of it is spilled (and, for a background read, queued: a hint
-// for one chunk does not read 32), its chunks are read in one batch into
+// every chunk of it is spilled (and, where `asked`, queued: a hint for one
+// chunk does not read 32), its chunks are read in one batch into
 // this thread's huge-page slot, checked, decompressed, and the slot's huge
 // page is moved into place by one UFFDIO_MOVE (one page-table entry, one
 // TLB flush, no page allocated or copied; 64 KiB installs by UFFDIO_COPY
@@ -982,7 +992,7 @@ bool AllocEngine::UnitCapable(const Block* b) const { return unit_ && b->base % 
 // way, the rest goes in by UFFDIO_COPY_MODE_WP. A read or check that fails
 // puts everything back as it was and returns false: the chunk is then
 // loaded alone, which reports the error.
-bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch) {
+bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch, bool asked) {
   Block* b = c->block;
   if (!UnitCapable(b)) return false;
   const size_t first = c->index / kUnitChunks * kUnitChunks;
@@ -990,7 +1000,7 @@ bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool pref
   const uintptr_t at = b->base + first * kChunk;
   for (size_t i = first; i < first + kUnitChunks; i++) {
     const Chunk& k = b->chunks[i];
-    if (k.state != CState::kSpilled || (prefetch && !k.queued)) return false;
+    if (k.state != CState::kSpilled || (asked && !k.queued)) return false;
   }
   Scratch& s = ThreadScratch();
   unsigned char* slot = s.UnitSlot();
@@ -1015,6 +1025,13 @@ bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool pref
   in_flight_++;
   st_.resident_bytes += kUnit;
   st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);
+  // Counted now, as in Load: a thread can read the unit once it is moved
+  // in, before this one locks again (taken back if the read fails).
+  const uint64_t ahead = prefetch ? kUnitChunks : kUnitChunks - 1;
+  st_.loads += kUnitChunks;
+  st_.unit_loads++;
+  st_.prefetched += ahead;
+  if (!prefetch) c->faults++;
   lk.unlock();
 
   ReadOp ops[kUnitChunks];
@@ -1072,16 +1089,12 @@ bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool pref
     // Faults that waited fault again and load their chunks alone; the
     // block cannot have gone (Free waits for loading chunks).
     st_.resident_bytes -= kUnit;
+    st_.loads -= kUnitChunks;
+    st_.unit_loads--;
+    st_.prefetched -= ahead;
+    if (!prefetch) c->faults--;
     uffd_->Wake(reinterpret_cast<void*>(at), kUnit);
     return false;
-  }
-  st_.loads += kUnitChunks;
-  st_.unit_loads++;
-  if (prefetch) {
-    st_.prefetched += kUnitChunks;
-  } else {
-    st_.prefetched += kUnitChunks - 1;
-    c->faults++;
   }
   KickEvictor();
   lk.unlock();

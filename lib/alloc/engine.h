@@ -126,7 +126,8 @@ class AllocEngine {
   void Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch = false);
   // The unit holding c, whole, when it applies: true with the lock
   // released; false with it held, never released meanwhile (load c alone).
-  bool LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch);
+  // `asked`: only where every chunk of the unit is queued for reading back.
+  bool LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch, bool asked);
   bool UnitCapable(const Block* b) const;
   Block* Find(uintptr_t addr) const;
   Block* FindFrom(uintptr_t addr) const;  // the block holding addr, or the first after it

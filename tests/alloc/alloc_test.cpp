@@ -577,6 +577,25 @@ TEST_CASE("sequential reads bring whole 2 MiB units back; writes, racing readers
   CHECK((*r)->stats().errors == 0);
 }
 
+TEST_CASE("a unit asked for whole comes back whole, whether the background thread or a fault reads it") {
+  if (!UnitsAvailable()) return;
+  const size_t size = 128 << 20, asked = 16 << 20;
+  auto r = ManagedRegion::Create(size, Config(64 << 20));
+  REQUIRE(r.ok());
+  auto* p = static_cast<uint8_t*>((*r)->data());
+  const std::vector<std::byte> noise = RandomBytes(asked, 9);
+  memcpy(p, noise.data(), asked);
+  for (size_t i = asked; i < size; i += 4096) p[i] = 1;
+  REQUIRE((*r)->Evict(0, size).ok());
+  AllocStats before = (*r)->stats();
+  REQUIRE((*r)->Prefetch(0, asked).ok());
+  // Read at once, racing the background thread from the other end.
+  for (size_t off = asked; off > 0; off -= 64 << 10) CHECK(memcmp(p + off - (64 << 10), noise.data() + off - (64 << 10), 64 << 10) == 0);
+  AllocStats after = (*r)->stats();
+  CHECK(after.unit_loads - before.unit_loads == asked / (2 << 20));
+  CHECK(after.loads - before.loads == asked / (64 << 10));
+}
+
 TEST_CASE("whole-unit loads can be turned off") {
   AllocConfig c = Config(64 << 20);
   c.huge_units = false;
