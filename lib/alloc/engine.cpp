@@ -1059,8 +1059,13 @@ bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool pref
     auto* dst = reinterpret_cast<unsigned char*>(at);
     uint64_t moved = 0;
     if (HugeMapped(pagemap_.get(), slot, kUnit) == 1) (void)uffd_->Move(dst, slot, kUnit, /*wake=*/false, &moved);
-    if (moved < kUnit) (void)uffd_->CopyWp(dst + moved, slot + moved, kUnit - moved);
-    if (moved) {
+    int rc = moved < kUnit ? uffd_->CopyWp(dst + moved, slot + moved, kUnit - moved) : 0;
+    if (rc != 0) {
+      // No memory for the pages (nothing else can be there: every chunk is
+      // loading). What did go in is dropped and the chunks load alone.
+      RawMadvise(dst, kUnit, MADV_DONTNEED);
+      err = Status::Error(-rc, "cannot install a unit read back");
+    } else if (moved) {
       uffd_->WriteProtect(dst, moved, true);
       for (size_t i = 0; i * kChunk < moved; i++) dirty[i] = Checksum64(dst + i * kChunk, kChunk) != raw_sum[i];
     }

@@ -596,6 +596,34 @@ TEST_CASE("a unit asked for whole comes back whole, whether the background threa
   CHECK(after.loads - before.loads == asked / (64 << 10));
 }
 
+TEST_CASE("a bad chunk in a unit read whole: the chunks before it read right, it is SIGBUS") {
+  if (!UnitsAvailable()) return;
+  int status = RunInChild([]() -> int {
+    signal(SIGBUS, SIG_DFL);
+    const size_t size = 128 << 20, chunk = 64 << 10;
+    auto r = ManagedRegion::Create(size, Config(64 << 20));
+    if (!r.ok()) return 3;
+    auto* p = static_cast<uint8_t*>((*r)->data());
+    for (size_t i = 0; i < size; i++) p[i] = static_cast<uint8_t>(i * 7 + 1);
+    if (!(*r)->Evict(0, size).ok()) return 4;
+    uint64_t off;
+    uint32_t len;
+    if (!(*r)->engine().SpillLocation(p + 5 * chunk, &off, &len)) return 5;
+    uint8_t junk[64];
+    memset(junk, 0xA5, sizeof junk);
+    if (pwrite((*r)->engine().spill_fd(), junk, sizeof junk, static_cast<off_t>(off)) != sizeof junk) return 6;
+    // Read from the block's start: its first unit is tried whole, fails its
+    // check, and its chunks come back one by one.
+    for (size_t i = 0; i < 5 * chunk; i++)
+      if (p[i] != static_cast<uint8_t>(i * 7 + 1)) return 7;
+    volatile uint8_t v = p[5 * chunk + 100];  // SIGBUS here
+    (void)v;
+    return 8;
+  });
+  CHECK(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGBUS);
+}
+
 TEST_CASE("whole-unit loads can be turned off") {
   AllocConfig c = Config(64 << 20);
   c.huge_units = false;
