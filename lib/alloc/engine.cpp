@@ -989,7 +989,10 @@ bool AllocEngine::UnitCapable(const Block* b) const { return unit_ && b->base % 
 // mode, so the unit is protected after it, and a write that landed in
 // between is found by hashing every chunk again: that chunk comes back
 // dirty. Where the slot did not get a huge page, or the move stops part
-// way, the rest goes in by UFFDIO_COPY_MODE_WP. A read or check that fails
+// way, the rest goes in by UFFDIO_COPY_MODE_WP. (A page table left in the
+// unit's range by 64 KiB installs makes the kernel split the move, and the
+// slot then keeps a page table too: see docs/ARCHITECTURE.md for what that
+// costs and the fix waiting on a branch.) A read or check that fails
 // puts everything back as it was and returns false: the chunk is then
 // loaded alone, which reports the error.
 bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch, bool asked) {
