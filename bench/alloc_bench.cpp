@@ -63,6 +63,22 @@ std::vector<std::vector<std::byte>> Chunks(DType dtype, uint64_t seed) {
   return src;
 }
 
+// A managed region's config with a budget of a quarter of `size` and zstd-1.
+AllocConfig QuarterBudget(size_t size) {
+  AllocConfig c;
+  c.budget = size / 4;
+  c.zstd_level = 1;
+  return c;
+}
+
+// A read-write file in the temporary directory, already unlinked.
+int ScratchFile(const char* name) {
+  std::string path = TempPath(name);
+  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  unlink(path.c_str());
+  return fd;
+}
+
 // Sequential write of every chunk, then a read of every byte (summed).
 double Sweep(uint8_t* p, size_t size, const std::vector<std::vector<std::byte>>& src) {
   auto t0 = Clock::now();
@@ -75,16 +91,12 @@ double Sweep(uint8_t* p, size_t size, const std::vector<std::vector<std::byte>>&
 void BM_Sweep(benchmark::State& state) {
   const size_t size = static_cast<size_t>(state.range(0)) << 20;
   const auto src = Chunks(DType::kBF16, 1000);
-  AllocConfig c;
-  c.budget = size / 4;
-  c.zstd_level = 1;
+  const AllocConfig c = QuarterBudget(size);
   AllocConfig roomy = c;
   roomy.budget = size + kChunk;
   double managed = 0, unbudgeted = 0, limit = 0;
   // The limit loop's file and buffers.
-  std::string path = TempPath("alloc-limit");
-  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  unlink(path.c_str());
+  int fd = ScratchFile("alloc-limit");
   std::vector<uint8_t> mem(size), packed(ZSTD_compressBound(kChunk)), back(kChunk);
   std::vector<uint32_t> lens(size / kChunk);
   ZSTD_CCtx* cctx = ZSTD_createCCtx();
@@ -146,9 +158,7 @@ BENCHMARK(BM_Sweep)->Arg(512)->UseManualTime()->Iterations(3)->Unit(benchmark::k
 void BM_ReadSweep(benchmark::State& state) {
   const size_t size = static_cast<size_t>(state.range(0)) << 20;
   const auto src = Chunks(DType::kF32, 2000);
-  AllocConfig c;
-  c.budget = size / 4;
-  c.zstd_level = 1;
+  AllocConfig c = QuarterBudget(size);
   auto r = ManagedRegion::Create(size, c);
   c.huge_units = false;
   auto rc = ManagedRegion::Create(size, c);
@@ -157,9 +167,7 @@ void BM_ReadSweep(benchmark::State& state) {
   auto* p = static_cast<uint8_t*>((*r)->data());
   auto* pc = static_cast<uint8_t*>((*rc)->data());
   std::vector<uint8_t> resident(size);
-  std::string path = TempPath("alloc-read-limit");
-  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  unlink(path.c_str());
+  int fd = ScratchFile("alloc-read-limit");
   for (size_t off = 0; off < size; off += kChunk) {
     const auto* chunk = src[(off / kChunk) % src.size()].data();
     memcpy(p + off, chunk, kChunk);
@@ -265,9 +273,7 @@ void BM_InstallCycle(benchmark::State& state) {
   const size_t size = 256u << 20, run = 16 * kChunk;
   const size_t huge = internal::TransparentHugePageSize();
   const auto src = Chunks(DType::kF32, 3000);
-  std::string path = TempPath("install-cycle");
-  int fd = open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  unlink(path.c_str());
+  int fd = ScratchFile("install-cycle");
   const size_t file_chunks = 64;  // 4 MiB, read over and over
   for (size_t i = 0; i < file_chunks; i++)
     if (pwrite(fd, src[i % src.size()].data(), kChunk, static_cast<off_t>(i * kChunk)) != static_cast<ssize_t>(kChunk)) {

@@ -52,12 +52,6 @@ std::vector<AllocEngine*>& Engines() {
   return *v;
 }
 
-}  // namespace
-
-int RawMadvise(void* addr, size_t len, int advice) noexcept;
-
-namespace {
-
 bool AllZero(const unsigned char* p, size_t n) {
   const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
   for (size_t i = 0; i < n / 8; i++)
@@ -66,8 +60,9 @@ bool AllZero(const unsigned char* p, size_t n) {
 }
 
 // Per service thread: staging for one chunk and its compressed form, zstd
-// contexts, and (made on first use) a huge-page slot that whole units are
-// read into, with room for their compressed forms.
+// contexts, and (made when the thread starts, where whole-unit loads are
+// on) a huge-page slot that units are read into, with room for their
+// compressed forms.
 struct Scratch {
   std::unique_ptr<unsigned char[]> raw{new unsigned char[kChunk]};
   size_t cap = RoundUp(ZSTD_compressBound(kChunk), kBlockAlign);
@@ -167,11 +162,6 @@ Result<std::unique_ptr<AllocEngine>> AllocEngine::Create(const AllocConfig& conf
   e->prefetch_.resize(std::min<size_t>(std::max<size_t>(1, e->LowWater() / kChunk), kMaxQueued));
   FL_RETURN_IF_ERROR(e->NewSpillFile());
   FL_RETURN_IF_ERROR(e->Start());
-  // Whole-unit loads need UFFDIO_MOVE, huge pages of 2 MiB, PAGEMAP_SCAN to
-  // tell a staged unit is one, and headroom under the budget for a unit.
-  if (e->config_.huge_units && e->uffd_->features().move && TransparentHugePageSize() == kUnit &&
-      e->pagemap_.valid() && HugeMapped(e->pagemap_.get(), a, 4096) >= 0 && e->HeadroomChunks() >= kUnitChunks)
-    e->unit_ = kUnit;
   std::lock_guard g(g_engines_mu);
   static bool atfork = [] {
     pthread_atfork(AtforkPrepare, AtforkParent, AtforkChild);
@@ -189,6 +179,14 @@ Status AllocEngine::Start() {
     return Status::Error(ENOTSUP, "userfaultfd has no write-protect faults for anonymous memory (kernel < 5.7)");
   uffd_ = std::make_unique<Uffd>(std::move(u).value());
   pagemap_.reset(open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));  // this process's (again in a fork child)
+  // Whole-unit loads need UFFDIO_MOVE, huge pages of 2 MiB, PAGEMAP_SCAN to
+  // tell a staged unit is one, and headroom under the budget for a unit.
+  // Decided before the threads start: each makes its unit slot then, not
+  // on its first fault.
+  const bool units = config_.huge_units && uffd_->features().move && TransparentHugePageSize() == kUnit &&
+                     pagemap_.valid() && HugeMapped(pagemap_.get(), reinterpret_cast<void*>(lo_), 4096) >= 0 &&
+                     HeadroomChunks() >= kUnitChunks;
+  unit_ = units ? kUnit : 0;
   stop_fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!stop_fd_.valid()) return Status::Error(errno, "eventfd");
   threads_.clear();
@@ -219,6 +217,7 @@ void AllocEngine::EvictorLoop() {
   sigset_t all;
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  if (unit_) (void)ThreadScratch().UnitSlot();  // its allocations here, not under a load
   std::unique_lock lk(mu_);
   while (!stopping_) {
     if (st_.resident_bytes > LowWater() && lru_head_ && !spill_full_) {
@@ -275,6 +274,7 @@ void AllocEngine::Serve() {
   sigset_t all;
   sigfillset(&all);
   pthread_sigmask(SIG_BLOCK, &all, nullptr);
+  if (unit_) (void)ThreadScratch().UnitSlot();  // its allocations here, not on the fault path
   pollfd fds[2] = {{uffd_->fd(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
   uffd_msg msgs[16];
   for (;;) {
