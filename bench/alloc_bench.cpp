@@ -22,6 +22,7 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <thread>
@@ -222,6 +223,11 @@ void BM_ReadSweep(benchmark::State& state) {
   state.counters["ratio_vs_resident"] = res / managed;
   state.counters["read_ahead"] = static_cast<double>(st.prefetched - ahead0) / static_cast<double>(st.loads - loads0);
   state.counters["unit_loads"] = static_cast<double>(st.unit_loads * kUnitBytes) / static_cast<double>(st.loads * kChunk);
+  // Of the units, those that went in as one huge page and those read into
+  // the page of a unit dropped whole.
+  const double units = static_cast<double>(std::max<uint64_t>(1, st.unit_loads));
+  state.counters["unit_moves"] = static_cast<double>(st.unit_moves) / units;
+  state.counters["unit_recycled"] = static_cast<double>(st.unit_recycled) / units;
 }
 BENCHMARK(BM_ReadSweep)->Arg(512)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
 

@@ -56,6 +56,8 @@ struct AllocStats {
   uint64_t loads = 0;             // chunks read back from disk, on a fault or ahead of one (counted as the read starts)
   uint64_t prefetched = 0;        // of those, read back ahead of a fault (MADV_WILLNEED, Prefetch, readahead)
   uint64_t unit_loads = 0;        // 2 MiB units read back at once (AllocConfig::huge_units; their chunks count in loads)
+  uint64_t unit_moves = 0;        // of those, installed as one huge page by one UFFDIO_MOVE (the rest by one copy)
+  uint64_t unit_recycled = 0;     // of those, read into the huge page of a unit dropped whole (none allocated)
   uint64_t write_faults = 0;      // first writes to clean chunks
   uint64_t errors = 0;            // spill reads or writes that failed
   uint64_t bytes_spilled = 0, bytes_stored = 0;  // before and after compression

@@ -187,6 +187,10 @@ Status AllocEngine::Start() {
                      pagemap_.valid() && HugeMapped(pagemap_.get(), reinterpret_cast<void*>(lo_), 4096) >= 0 &&
                      HeadroomChunks() >= kUnitChunks;
   unit_ = units ? kUnit : 0;
+  // A fork child's pool was not inherited (MADV_DONTFORK): the parent's
+  // object is left alone (its munmap could hit a mapping made here later).
+  (void)recycle_.release();
+  if (unit_) SetUpRecycle();
   stop_fd_.reset(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!stop_fd_.valid()) return Status::Error(errno, "eventfd");
   threads_.clear();
@@ -240,6 +244,11 @@ void AllocEngine::EvictorLoop() {
     }
     evict_cv_.wait(lk);
   }
+}
+
+void AllocEngine::SetUpRecycle() {
+  recycle_ = std::make_unique<MovePool>();
+  if (!recycle_->Set(*uffd_, 2, kUnit, /*huge=*/true)) recycle_.reset();
 }
 
 AllocEngine::~AllocEngine() {
@@ -373,7 +382,13 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
   Block* b = Find(addr);
   uintptr_t page = addr & ~uintptr_t(4095);
   if (!b) {
+    // Not managed memory: a block freed meanwhile (the access faults again
+    // and is the program's), or the unit recycle pool, which no access
+    // should reach where it has no page; woken alone, that access would
+    // fault again forever: a page of zeros goes there first.
+    const bool pool = recycle_ && recycle_->Contains(page);
     lk.unlock();
+    if (pool) (void)uffd_->ZeroPage(reinterpret_cast<void*>(page), 4096);
     uffd_->Wake(reinterpret_cast<void*>(page), 4096);
     return;
   }
@@ -928,7 +943,12 @@ void AllocEngine::DropCleanRun() {
 // clean and next to each other in the address space: their copies are on
 // disk, nothing is written.
 void AllocEngine::DropClean(Chunk* first, size_t n) {
-  RawMadvise(reinterpret_cast<void*>(ChunkAddr(first)), n * kChunk, MADV_DONTNEED);
+  auto* at = reinterpret_cast<std::byte*>(ChunkAddr(first));
+  uint64_t kept = 0;  // moved into the recycle pool
+  if (n == kUnitChunks && first->index % kUnitChunks == 0 && UnitCapable(first->block) && recycle_ &&
+      recycle_->has_hole() && HugeMapped(pagemap_.get(), at, kUnit) == 1)
+    kept = recycle_->Stash(*uffd_, at, kUnit);
+  if (kept < n * kChunk) RawMadvise(at + kept, n * kChunk - kept, MADV_DONTNEED);
   Chunk* c = first;
   for (size_t i = 0; i < n; i++) {
     Chunk* next = c->next;
@@ -1006,8 +1026,7 @@ bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool pref
     if (k.state != CState::kSpilled || (asked && !k.queued)) return false;
   }
   Scratch& s = ThreadScratch();
-  unsigned char* slot = s.UnitSlot();
-  if (!slot) return false;
+  if (!s.UnitSlot()) return false;
   // Room by dropping clean chunks only, which never unlocks (so b and c
   // stay valid); where the oldest are dirty, the chunk path makes room.
   while (st_.resident_bytes + kUnit > config_.budget && lru_head_ && lru_head_->state == CState::kClean)
@@ -1025,6 +1044,18 @@ bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool pref
     k.queued = false;
     parts[i] = {files_[k.file].fd.get(), k.offset, k.stored, k.checksum};
   }
+  // A recycled huge page where there is one, else this thread's slot (the
+  // kernel zeroes a fresh huge page for it). A recycled slot that is not
+  // one whole huge page (its page went in split, or the kernel split it
+  // since) is emptied instead: small pages would go in by copy, and no load
+  // may write into a slot where a page is missing (registered memory that
+  // nobody serves).
+  int32_t recycled = recycle_ ? recycle_->Take() : -1;
+  if (recycled >= 0 && HugeMapped(pagemap_.get(), recycle_->At(recycled), kUnit) != 1) {
+    recycle_->Return(recycled, 0, /*split=*/true);
+    recycled = -1;
+  }
+  unsigned char* slot = recycled >= 0 ? reinterpret_cast<unsigned char*>(recycle_->At(recycled)) : s.unit;
   in_flight_++;
   st_.resident_bytes += kUnit;
   st_.peak_resident_bytes = std::max(st_.peak_resident_bytes, st_.resident_bytes);
@@ -1058,11 +1089,23 @@ bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool pref
     }
   }
   bool dirty[kUnitChunks] = {};
+  uint64_t moved = 0;
+  bool huge = false;  // went in as one huge page
   if (err.ok()) {
     auto* dst = reinterpret_cast<unsigned char*>(at);
-    uint64_t moved = 0;
-    if (HugeMapped(pagemap_.get(), slot, kUnit) == 1) (void)uffd_->Move(dst, slot, kUnit, /*wake=*/false, &moved);
+    if (HugeMapped(pagemap_.get(), slot, kUnit) == 1) {
+      // A page table left over from 64 KiB installs in the unit's range
+      // (nothing is mapped there: every chunk is loading) would make the
+      // kernel split the huge page and move 512 small ones; dropping the
+      // empty range frees it. The slot, once any page left it, goes the
+      // same way after the copy of the rest (a table left there by a split
+      // or partial move would give its next fill small pages).
+      RawMadvise(dst, kUnit, MADV_DONTNEED);
+      (void)uffd_->Move(dst, slot, kUnit, /*wake=*/false, &moved);
+      huge = moved == kUnit && HugeMapped(pagemap_.get(), dst, kUnit) == 1;
+    }
     int rc = moved < kUnit ? uffd_->CopyWp(dst + moved, slot + moved, kUnit - moved) : 0;
+    if (moved) RawMadvise(slot, kUnit, MADV_DONTNEED);
     if (rc != 0) {
       // No memory for the pages (nothing else can be there: every chunk is
       // loading). What did go in is dropped and the chunks load alone.
@@ -1077,6 +1120,11 @@ bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool pref
   lk.lock();
   in_flight_--;
   idle_cv_.notify_all();
+  if (recycled >= 0) recycle_->Return(recycled, moved);  // a hole once its page moved
+  if (err.ok()) {
+    st_.unit_moves += huge;
+    st_.unit_recycled += recycled >= 0;
+  }
   for (size_t i = 0; i < kUnitChunks; i++) {
     Chunk& k = b->chunks[first + i];
     k.waiters = false;  // the whole unit is woken below

@@ -41,6 +41,7 @@
 
 #include "faultline/alloc.hpp"
 #include "io/file.h"
+#include "os/move_pool.h"
 #include "os/uffd.h"
 
 namespace faultline::internal {
@@ -168,6 +169,11 @@ class AllocEngine {
   // /proc/self/pagemap, to tell whether a staged unit is one huge page.
   size_t unit_ = 0;
   UniqueFd pagemap_;
+  // Huge pages of units evicted whole, moved out of place by one
+  // UFFDIO_MOVE; the next unit load reads into one of them (no huge page
+  // freed, allocated or zeroed). Two slots: 4 MiB outside the budget.
+  std::unique_ptr<MovePool> recycle_;
+  void SetUpRecycle();
   std::unique_ptr<Uffd> uffd_;
   UniqueFd stop_fd_;            // eventfd: service threads leave
   std::vector<std::thread*> threads_;

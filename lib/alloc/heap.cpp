@@ -61,7 +61,7 @@ std::string AllocStats::ToString() const {
     << FormatSize(budget_bytes) << "\n"
     << "  chunks zero-filled " << zero_fills << ", spilled " << spills << ", dropped clean " << clean_drops
     << ", dropped zero " << zero_drops << ", read back " << loads << " (" << prefetched << " ahead of a fault, "
-    << unit_loads << " 2 MiB units)"
+    << unit_loads << " 2 MiB units, " << unit_moves << " moved in huge, " << unit_recycled << " recycled)"
     << ", first writes " << write_faults
     << ", errors " << errors << "\n"
     << "  spilled " << FormatSize(bytes_spilled) << " as " << FormatSize(bytes_stored) << " (ratio "

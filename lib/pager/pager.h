@@ -37,6 +37,7 @@
 #include "bundle/reader_impl.h"
 #include "faultline/paging.hpp"
 #include "io/file.h"
+#include "os/move_pool.h"
 #include "os/uffd.h"
 #include "pager/stats.h"
 
@@ -100,46 +101,6 @@ class FrameQueue {
  private:
   std::vector<uint64_t> ring_;
   size_t head_ = 0, count_ = 0;
-};
-
-// Slots that physical pages cycle through with UFFDIO_MOVE: a load decodes
-// into a full slot and moves its pages into a region; an eviction moves
-// pages back into a hole, so no page is freed, allocated or zeroed on the
-// way. The slots are registered with the engine's userfaultfd (a move's
-// destination must be) and never touched while holes. Lists guarded by
-// Engine::mu_.
-class MovePool {
- public:
-  MovePool() = default;
-  MovePool(const MovePool&) = delete;
-  MovePool& operator=(const MovePool&) = delete;
-  ~MovePool();
-  // Maps and registers `slots` slots of `size` bytes, each aligned to its
-  // size (advised MADV_HUGEPAGE when `huge`); false, keeping nothing, where
-  // that fails.
-  bool Set(Uffd& uffd, uint64_t slots, uint64_t size, bool huge);
-  bool on() const noexcept { return base_ != nullptr; }
-  uint64_t slots() const noexcept { return slots_; }
-  size_t full() const noexcept { return full_.size(); }
-  bool has_hole() const noexcept { return !holes_.empty(); }
-  std::byte* At(int32_t s) const noexcept { return base_ + static_cast<uint64_t>(s) * size_; }
-  // A slot holding pages, or -1.
-  int32_t Take() noexcept;
-  // A slot back after `moved` bytes moved out of it: still full when none
-  // did, a hole when any did (a part left behind is dropped, and so is the
-  // whole slot when its pages left `split`: as small pages, whose empty
-  // page table would split the next huge page moved in).
-  void Return(int32_t s, uint64_t moved, bool split = false) noexcept;
-  // Moves `len` (at most a slot) bytes at `src` into a hole; the bytes moved
-  // (a part is dropped from the slot, which stays a hole; the caller drops
-  // what is left at `src`).
-  uint64_t Stash(Uffd& uffd, std::byte* src, uint64_t len) noexcept;
-
- private:
-  std::byte* base_ = nullptr;
-  void* map_ = nullptr;
-  uint64_t map_len_ = 0, size_ = 0, slots_ = 0;
-  std::vector<int32_t> full_, holes_;
 };
 
 class Engine {

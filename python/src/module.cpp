@@ -317,6 +317,8 @@ py::dict AllocStatsDict(const AllocStats& s) {
   d["spills"] = s.spills;
   d["clean_drops"] = s.clean_drops;
   d["unit_loads"] = s.unit_loads;
+  d["unit_moves"] = s.unit_moves;
+  d["unit_recycled"] = s.unit_recycled;
   d["zero_drops"] = s.zero_drops;
   d["loads"] = s.loads;
   d["prefetched"] = s.prefetched;
