@@ -111,6 +111,9 @@ void BM_Sweep(benchmark::State& state) {
       state.SetIterationTime(s);
       state.counters["spilled_MiB"] = static_cast<double>((*r)->stats().bytes_spilled) / (1 << 20);
       state.counters["compression"] = (*r)->stats().compression_ratio();
+      const AllocStats st = (*r)->stats();
+      state.counters["unit_loads"] =
+          static_cast<double>(st.unit_loads * kUnitBytes) / static_cast<double>(std::max<uint64_t>(1, st.loads) * kChunk);
     }
     {
       auto r = ManagedRegion::Create(size, roomy);

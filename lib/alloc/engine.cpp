@@ -477,7 +477,7 @@ void AllocEngine::HandleFault(uintptr_t addr, bool wp, bool write) {
       if (ReadAhead(b, c->index) ? LoadUnit(lk, c, /*prefetch=*/false, /*asked=*/false)
                                  : c->queued && LoadUnit(lk, c, /*prefetch=*/false, /*asked=*/true))
         return;
-      Load(lk, c);
+      Load(lk, c);  // c as LoadUnit left it: looked up again where it made room
       return;
     case CState::kError:
       lk.unlock();
@@ -1015,23 +1015,41 @@ bool AllocEngine::UnitCapable(const Block* b) const { return unit_ && b->base % 
 // costs and the fix waiting on a branch.) A read or check that fails
 // puts everything back as it was and returns false: the chunk is then
 // loaded alone, which reports the error.
-bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch, bool asked) {
-  Block* b = c->block;
-  if (!UnitCapable(b)) return false;
-  const size_t first = c->index / kUnitChunks * kUnitChunks;
-  if (first + kUnitChunks > b->count) return false;
-  const uintptr_t at = b->base + first * kChunk;
-  for (size_t i = first; i < first + kUnitChunks; i++) {
-    const Chunk& k = b->chunks[i];
-    if (k.state != CState::kSpilled || (asked && !k.queued)) return false;
-  }
+bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk*& c, bool prefetch, bool asked) {
+  Block* b = nullptr;
+  size_t first = 0;
+  // Whether the unit holding c can be read whole.
+  auto whole = [&] {
+    b = c->block;
+    first = c->index / kUnitChunks * kUnitChunks;
+    if (!UnitCapable(b) || first + kUnitChunks > b->count) return false;
+    for (size_t i = first; i < first + kUnitChunks; i++) {
+      const Chunk& k = b->chunks[i];
+      if (k.state != CState::kSpilled || (asked && !k.queued)) return false;
+    }
+    return true;
+  };
+  if (!whole()) return false;
   Scratch& s = ThreadScratch();
   if (!s.UnitSlot()) return false;
-  // Room by dropping clean chunks only, which never unlocks (so b and c
-  // stay valid); where the oldest are dirty, the chunk path makes room.
+  // Room by dropping clean chunks, which never unlocks.
   while (st_.resident_bytes + kUnit > config_.budget && lru_head_ && lru_head_->state == CState::kClean)
     DropCleanRun();
-  if (st_.resident_bytes + kUnit > config_.budget) return false;
+  if (st_.resident_bytes + kUnit > config_.budget) {
+    // The oldest chunks are dirty (a sweep that wrote before it reads):
+    // they are written out as the chunk path would, which unlocks, so the
+    // chunk is looked up again (its block may be gone, the unit changed).
+    const uintptr_t addr = ChunkAddr(c);
+    MakeRoom(lk, kUnit);
+    Block* nb = Find(addr);
+    if (!nb) {
+      c = nullptr;
+      return true;  // nothing left to load
+    }
+    c = &nb->chunks[(addr - nb->base) / kChunk];
+    if (st_.resident_bytes + kUnit > config_.budget || !whole()) return false;
+  }
+  const uintptr_t at = b->base + first * kChunk;
   struct Part {
     int fd;
     uint64_t offset;

@@ -125,10 +125,12 @@ class AllocEngine {
   bool Evict(std::unique_lock<std::mutex>& lk, Chunk* c);
   void DropCleanRun();  // the oldest chunk, clean, and its clean neighbours
   void Load(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch = false);
-  // The unit holding c, whole, when it applies: true with the lock
-  // released; false with it held, never released meanwhile (load c alone).
+  // The unit holding c, whole, when it applies: true when done (the unit
+  // loaded, or c's block freed while room was made: c is then null);
+  // false with the lock held: load c alone. Making room for the unit past
+  // dirty chunks unlocks; c is then looked up again.
   // `asked`: only where every chunk of the unit is queued for reading back.
-  bool LoadUnit(std::unique_lock<std::mutex>& lk, Chunk* c, bool prefetch, bool asked);
+  bool LoadUnit(std::unique_lock<std::mutex>& lk, Chunk*& c, bool prefetch, bool asked);
   bool UnitCapable(const Block* b) const;
   Block* Find(uintptr_t addr) const;
   Block* FindFrom(uintptr_t addr) const;  // the block holding addr, or the first after it

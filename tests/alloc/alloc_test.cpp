@@ -585,6 +585,28 @@ TEST_CASE("sequential reads bring whole 2 MiB units back; writes, racing readers
   CHECK((*r)->stats().errors == 0);
 }
 
+TEST_CASE("memory written past the budget and then read in order comes back in whole units") {
+  // The oldest resident chunks are dirty when the reads start (the last
+  // quarter written): room for a unit is made by writing them out, not by
+  // falling back to chunks.
+  const size_t size = 256 << 20;
+  auto r = ManagedRegion::Create(size, Config(64 << 20));
+  REQUIRE(r.ok());
+  auto* p = static_cast<uint8_t*>((*r)->data());
+  for (size_t i = 0; i < size; i++) p[i] = Expect(i, 3);
+  AllocStats before = (*r)->stats();
+  size_t bad = 0;
+  for (size_t i = 0; i < size; i++) bad += p[i] != Expect(i, 3);
+  CHECK(bad == 0);
+  AllocStats after = (*r)->stats();
+  MESSAGE(after.ToString());
+  CHECK(after.errors == 0);
+  const uint64_t loads = after.loads - before.loads, units = after.unit_loads - before.unit_loads;
+  CHECK(loads > 0);
+  if (UnitsAvailable()) CHECK(units * 32 * 10 >= loads * 9);  // all but stragglers
+  else CHECK(units == 0);
+}
+
 TEST_CASE("a unit asked for whole comes back whole, whether the background thread or a fault reads it") {
   if (!UnitsAvailable()) return;
   const size_t size = 128 << 20, asked = 16 << 20;
