@@ -49,6 +49,11 @@ namespace {
 constexpr size_t kChunk = kManagedChunk;
 constexpr size_t kUnitBytes = 2u << 20;  // AllocConfig::huge_units
 
+// The share of the bytes read back that came back in whole 2 MiB units.
+double UnitShare(const AllocStats& st) {
+  return static_cast<double>(st.unit_loads * kUnitBytes) / static_cast<double>(std::max<uint64_t>(1, st.loads) * kChunk);
+}
+
 // The sum of every 8 bytes: a read of all of them.
 uint64_t SumPass(const uint8_t* p, size_t size) {
   uint64_t sum = 0;
@@ -112,8 +117,7 @@ void BM_Sweep(benchmark::State& state) {
       state.counters["spilled_MiB"] = static_cast<double>((*r)->stats().bytes_spilled) / (1 << 20);
       state.counters["compression"] = (*r)->stats().compression_ratio();
       const AllocStats st = (*r)->stats();
-      state.counters["unit_loads"] =
-          static_cast<double>(st.unit_loads * kUnitBytes) / static_cast<double>(std::max<uint64_t>(1, st.loads) * kChunk);
+      state.counters["unit_loads"] = UnitShare(st);
     }
     {
       auto r = ManagedRegion::Create(size, roomy);
@@ -225,7 +229,7 @@ void BM_ReadSweep(benchmark::State& state) {
   state.counters["ratio_vs_chunks"] = chunked / managed;
   state.counters["ratio_vs_resident"] = res / managed;
   state.counters["read_ahead"] = static_cast<double>(st.prefetched - ahead0) / static_cast<double>(st.loads - loads0);
-  state.counters["unit_loads"] = static_cast<double>(st.unit_loads * kUnitBytes) / static_cast<double>(st.loads * kChunk);
+  state.counters["unit_loads"] = UnitShare(st);
   // Of the units, those that went in as one huge page and those read into
   // the page of a unit dropped whole.
   const double units = static_cast<double>(std::max<uint64_t>(1, st.unit_loads));

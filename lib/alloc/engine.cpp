@@ -1009,12 +1009,10 @@ bool AllocEngine::UnitCapable(const Block* b) const { return unit_ && b->base % 
 // mode, so the unit is protected after it, and a write that landed in
 // between is found by hashing every chunk again: that chunk comes back
 // dirty. Where the slot did not get a huge page, or the move stops part
-// way, the rest goes in by UFFDIO_COPY_MODE_WP. (A page table left in the
-// unit's range by 64 KiB installs makes the kernel split the move, and the
-// slot then keeps a page table too: see docs/ARCHITECTURE.md for what that
-// costs and the fix waiting on a branch.) A read or check that fails
-// puts everything back as it was and returns false: the chunk is then
-// loaded alone, which reports the error.
+// way, the rest goes in by UFFDIO_COPY_MODE_WP. The slot is the huge page
+// of a unit evicted whole where the recycle pool has one. A read or check
+// that fails puts everything back as it was and returns false: the chunk
+// is then loaded alone, which reports the error.
 bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk*& c, bool prefetch, bool asked) {
   Block* b = nullptr;
   size_t first = 0;
@@ -1032,13 +1030,10 @@ bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk*& c, bool pre
   if (!whole()) return false;
   Scratch& s = ThreadScratch();
   if (!s.UnitSlot()) return false;
-  // Room by dropping clean chunks, which never unlocks.
-  while (st_.resident_bytes + kUnit > config_.budget && lru_head_ && lru_head_->state == CState::kClean)
-    DropCleanRun();
   if (st_.resident_bytes + kUnit > config_.budget) {
-    // The oldest chunks are dirty (a sweep that wrote before it reads):
-    // they are written out as the chunk path would, which unlocks, so the
-    // chunk is looked up again (its block may be gone, the unit changed).
+    // Making room unlocks where the oldest chunks are dirty (a sweep that
+    // wrote before it reads: they are written out), so the chunk is looked
+    // up again (its block may be gone, the unit changed).
     const uintptr_t addr = ChunkAddr(c);
     MakeRoom(lk, kUnit);
     Block* nb = Find(addr);
@@ -1063,16 +1058,8 @@ bool AllocEngine::LoadUnit(std::unique_lock<std::mutex>& lk, Chunk*& c, bool pre
     parts[i] = {files_[k.file].fd.get(), k.offset, k.stored, k.checksum};
   }
   // A recycled huge page where there is one, else this thread's slot (the
-  // kernel zeroes a fresh huge page for it). A recycled slot that is not
-  // one whole huge page (its page went in split, or the kernel split it
-  // since) is emptied instead: small pages would go in by copy, and no load
-  // may write into a slot where a page is missing (registered memory that
-  // nobody serves).
-  int32_t recycled = recycle_ ? recycle_->Take() : -1;
-  if (recycled >= 0 && HugeMapped(pagemap_.get(), recycle_->At(recycled), kUnit) != 1) {
-    recycle_->Return(recycled, 0, /*split=*/true);
-    recycled = -1;
-  }
+  // kernel zeroes a fresh huge page for it).
+  const int32_t recycled = recycle_ ? recycle_->TakeHuge(pagemap_.get()) : -1;
   unsigned char* slot = recycled >= 0 ? reinterpret_cast<unsigned char*>(recycle_->At(recycled)) : s.unit;
   in_flight_++;
   st_.resident_bytes += kUnit;

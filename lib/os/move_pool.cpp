@@ -36,6 +36,13 @@ int32_t MovePool::Take() noexcept {
   return s;
 }
 
+int32_t MovePool::TakeHuge(int pagemap_fd) noexcept {
+  const int32_t s = Take();
+  if (s < 0 || HugeMapped(pagemap_fd, At(s), size_) == 1) return s;
+  Return(s, 0, /*split=*/true);
+  return -1;
+}
+
 void MovePool::Return(int32_t s, uint64_t moved, bool split) noexcept {
   if (moved == 0 && !split) {
     full_.push_back(s);

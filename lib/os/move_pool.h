@@ -38,6 +38,12 @@ class MovePool {
   }
   // A slot holding pages, or -1.
   int32_t Take() noexcept;
+  // A slot holding one whole huge page (asked of /proc/self/pagemap,
+  // `pagemap_fd`), or -1. A slot that no longer does (its page went in
+  // split, or the kernel split it since) is emptied into a hole instead:
+  // its small pages would go on by copy, and registered memory that is
+  // missing a page must never be written (nobody serves its faults).
+  int32_t TakeHuge(int pagemap_fd) noexcept;
   // A slot back after `moved` bytes moved out of it: still full when none
   // did, a hole when any did (a part left behind is dropped, and so is the
   // whole slot when `split`: its pages left as small pages, whose empty page

@@ -507,15 +507,8 @@ bool Engine::ClaimUnitLocked(Worker* w, uint64_t f, bool owned, bool optional, s
   for (uint64_t g = first; g < end; g++)
     if (frames_[g].state.load(std::memory_order_relaxed) == kAbsent) want++;
   if (want < 2 || !ReserveLocked(f, want * t.page, optional)) return false;
-  // Decode into a recycled huge page where there is one; a slot that is
-  // not one whole huge page any more is emptied instead (its small pages
-  // would go in by copy, and so would every unit after it).
-  w->unit_recycled = recycle_.Take();
-  if (w->unit_recycled >= 0 && pagemap_.valid() &&
-      HugeMapped(pagemap_.get(), recycle_.At(w->unit_recycled), huge_) != 1) {
-    recycle_.Return(w->unit_recycled, 0, /*split=*/true);
-    w->unit_recycled = -1;
-  }
+  // Decode into a recycled huge page where there is one.
+  w->unit_recycled = pagemap_.valid() ? recycle_.TakeHuge(pagemap_.get()) : recycle_.Take();
   std::byte* src = UnitSource(w);
   uint64_t claimed = 0;
   for (uint64_t g = first; g < end; g++) {
