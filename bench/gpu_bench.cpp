@@ -7,12 +7,18 @@
 // the transfer rate the tier reached.
 // Prefetch: cudaMemPrefetchAsync of managed memory to the GPU beside
 // cudaMemcpyAsync from pinned memory (the limit of the link).
+// Restage: what bringing managed memory back to the GPU costs once it was
+// evicted, with no compute: 16 x 64 MiB through a budget of four, evicted
+// the tier's way (read-mostly advice) or by discard + copy from pinned
+// memory, beside copies into managed memory that never left the GPU and the
+// pinned copy into a cudaMalloc ring (the link), same run.
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "../tests/cuda/gpu_model.h"
 #include "../tests/cuda/layer_runner.h"
@@ -222,6 +228,110 @@ void BM_Prefetch(benchmark::State& state) {
   cudaStreamDestroy(s);
 }
 BENCHMARK(BM_Prefetch)->ArgName("readmostly")->Arg(0)->Arg(1)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
+
+// range(0): 0 = read-mostly prefetch, evicted by advice (as the tier);
+// 1 = evicted by discard, brought back by discard-and-prefetch + a copy from
+// pinned memory; 2 = copies from pinned memory into managed memory that
+// stays on the GPU (no eviction: the bound for managed memory).
+void BM_Restage(benchmark::State& state) {
+  constexpr int kChunks = 16, kSlots = 4;
+  constexpr size_t kChunk = 64ull << 20;
+  const int way = static_cast<int>(state.range(0));
+  cudaStream_t s;
+  cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking);
+  cudaMemLocation gpu{cudaMemLocationTypeDevice, 0}, host{cudaMemLocationTypeHost, 0};
+  std::vector<char*> pinned(kChunks), managed(kChunks), ring(kSlots);
+  std::vector<cudaEvent_t> staged(kChunks);
+  bool ok = true;
+  for (int i = 0; i < kChunks; i++) {
+    ok &= cudaMallocHost(&pinned[i], kChunk) == cudaSuccess && cudaMallocManaged(&managed[i], kChunk) == cudaSuccess &&
+          cudaEventCreateWithFlags(&staged[i], cudaEventDisableTiming) == cudaSuccess;
+    if (!ok) break;
+    memset(pinned[i], i + 1, kChunk);
+    if (way == 0) {
+      cudaMemAdvise(managed[i], kChunk, cudaMemAdviseSetReadMostly, gpu);
+      cudaMemAdvise(managed[i], kChunk, cudaMemAdviseSetPreferredLocation, host);
+      memcpy(managed[i], pinned[i], kChunk);
+    } else if (way == 2) {
+      cudaMemPrefetchAsync(managed[i], kChunk, gpu, 0, s);
+    }
+  }
+  for (int i = 0; i < kSlots && ok; i++) ok &= cudaMalloc(&ring[i], kChunk) == cudaSuccess;
+  if (!ok) state.SkipWithError("cannot allocate 1 GiB pinned, managed and device memory");
+#if CUDART_VERSION < 13000
+  if (ok && way == 1) {
+    state.SkipWithError("discard needs CUDA 13");
+    ok = false;
+  }
+#endif
+  auto pass = [&](bool first) {
+    for (int i = 0; i < kChunks; i++) {
+      int victim = (i + kChunks - kSlots) % kChunks;
+      void* vp = managed[victim];
+      void* ip = managed[i];
+      size_t n = kChunk, zero = 0;
+      if (way == 0) {
+        if (!first || i >= kSlots) {  // advice is not stream-ordered: the victim's transfer must be done
+          cudaEventSynchronize(staged[victim]);
+          cudaMemAdvise(vp, n, cudaMemAdviseUnsetReadMostly, gpu);
+          cudaMemAdvise(vp, n, cudaMemAdviseSetReadMostly, gpu);
+        }
+        cudaMemPrefetchAsync(ip, n, gpu, 0, s);
+        cudaEventRecord(staged[i], s);
+      } else {
+#if CUDART_VERSION >= 13000
+        if (way == 1) {
+          if (!first || i >= kSlots) cudaMemDiscardBatchAsync(&vp, &n, 1, 0, s);
+          cudaMemDiscardAndPrefetchBatchAsync(&ip, &n, 1, &gpu, &zero, 1, 0, s);
+        }
+#endif
+        cudaMemcpyAsync(ip, pinned[i], n, cudaMemcpyHostToDevice, s);
+      }
+    }
+    cudaStreamSynchronize(s);
+  };
+  if (ok) pass(true);
+  std::vector<double> link_s;
+  double total = 0;
+  for (auto _ : state) {
+    if (!ok) break;
+    auto t0 = Clock::now();
+    for (int i = 0; i < kChunks; i++) cudaMemcpyAsync(ring[i % kSlots], pinned[i], kChunk, cudaMemcpyHostToDevice, s);
+    cudaStreamSynchronize(s);
+    link_s.push_back(Seconds(t0, Clock::now()));
+    t0 = Clock::now();
+    pass(false);
+    double t = Seconds(t0, Clock::now());
+    state.SetIterationTime(t);
+    total += t;
+  }
+  // The last chunks staged hold their bytes.
+  char probe[4096];
+  for (int i = kChunks - kSlots; i < kChunks && ok; i++) {
+    cudaMemcpy(probe, managed[i] + kChunk / 2, sizeof probe, cudaMemcpyDefault);
+    for (char c : probe)
+      if (c != char(i + 1)) {
+        state.SkipWithError("a restaged chunk does not hold its bytes");
+        ok = false;
+        break;
+      }
+  }
+  if (ok && !link_s.empty()) {
+    double link = Quantile(link_s, 0.5);
+    double bytes = double(kChunks) * kChunk;
+    state.counters["GBps"] = bytes * state.iterations() / total / 1e9;
+    state.counters["link_GBps"] = bytes / link / 1e9;
+    state.counters["ratio_vs_link"] = link / (total / state.iterations());
+  }
+  for (int i = 0; i < kChunks; i++) {
+    cudaFreeHost(pinned[i]);
+    cudaFree(managed[i]);
+    cudaEventDestroy(staged[i]);
+  }
+  for (char* r : ring) cudaFree(r);
+  cudaStreamDestroy(s);
+}
+BENCHMARK(BM_Restage)->ArgName("way")->Arg(0)->Arg(1)->Arg(2)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 
