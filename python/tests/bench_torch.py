@@ -13,9 +13,7 @@ in one run, each in its own process (so peak RSS is its own):
 Reported: time to the first forward pass (from nothing loaded to its
 output), steady passes per second (median of 5), peak and final RSS, and ratios
 against torch.load. Exit 77 where torch is missing."""
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -25,29 +23,16 @@ except ImportError:
     print("skipped: no torch")
     sys.exit(77)
 
+from bench_common import layer_stack_state_dict, run_child  # noqa: E402
+
 WIDTH, LAYERS, BATCH = 2048, 16, 32  # 256 MiB of f32 weights
 
 CHILD = r"""
-import json, statistics, sys, time, torch
-def status_kib(field):
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the process
-    # that forked this one (the parent holds the whole state dict).
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-from torch import nn
-kind, path, width, layers, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 torch.set_num_threads(2)
-import faultline, faultline.torch as ft
-def skeleton():
-    # No weights allocated: every loader puts its tensors in with ft.assign.
-    return nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(width, width, device="meta"), nn.ReLU())]).eval()
 x = torch.randn(batch, width)
 t0 = time.perf_counter()
 model = skeleton()
 if kind.startswith("faultline"):
-    size = layers * (width * width + width) * 4
     b = faultline.open(path, budget=size // 4, policy="plan")
     ft.assign(model, b.state_dict())
     hooks = ft.PlanHooks(model, b)
@@ -56,7 +41,7 @@ elif kind == "torch":
 elif kind == "offload":
     ft.assign(model, torch.load(path))
     t0 = time.perf_counter()
-    mgr = ft.offload(model, budget=layers * (width * width + width) * 4 // 4)
+    mgr = ft.offload(model, budget=size // 4)
 else:
     import safetensors.torch as st
     ft.assign(model, st.load_file(path))
@@ -78,11 +63,7 @@ print(json.dumps({"first_s": first, "pass_s": statistics.median(passes),
 
 
 def main():
-    from torch import nn
-
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(LAYERS) for m in (nn.Linear(WIDTH, WIDTH), nn.ReLU())])
-    sd = model.state_dict()
+    sd = layer_stack_state_dict(WIDTH, LAYERS)
     with tempfile.TemporaryDirectory() as d:
         import faultline.torch as ft
 
@@ -102,9 +83,7 @@ def main():
             pass
         res = {}
         for k in kinds:
-            out = subprocess.run([sys.executable, "-c", CHILD, k, paths[k], str(WIDTH), str(LAYERS), str(BATCH)],
-                                 check=True, capture_output=True, text=True, env=os.environ)
-            res[k] = json.loads(out.stdout.strip().splitlines()[-1])
+            res[k] = run_child(CHILD, k, paths[k], WIDTH, LAYERS, BATCH)
     base = res["torch"]
     print(f"model {LAYERS} x {WIDTH}x{WIDTH} f32 = {LAYERS * WIDTH * WIDTH * 4 >> 20} MiB, faultline budget a quarter")
     print(f"{'loader':12} {'first pass s':>12} {'passes/s':>9} {'peak RSS MiB':>13} {'RSS at end':>11} "
