@@ -1,7 +1,8 @@
 // GPU tier benchmarks (a GPU is needed; without one the program exits 77).
 //
 // Layers: passes of a layer stack (cuBLAS sgemm + bias/ReLU per layer)
-// whose weights are 2x, 4x and 8x the GPU budget, streamed by the tier,
+// whose weights are 2x, 4x and 8x the GPU budget, streamed by the tier
+// (managed or mapped memory),
 // beside the same passes with every weight resident in cudaMalloc memory,
 // measured in the same run. Counters: layers_per_s, ratio_vs_resident, and
 // the transfer rate the tier reached.
@@ -128,7 +129,9 @@ BENCHMARK(BM_Resident)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillise
 // range(0): oversubscription (model / budget); range(1): 1 = read-mostly,
 // 0 = migrate; range(2): 0 = evict to host, 1 = discard; range(3): lookahead;
 // range(4): 1 = the pager's userfaultfd-backed pointers handed to kernels
-// directly (needs pageable memory access, HMM) instead of managed memory.
+// directly (needs pageable memory access, HMM) instead of managed memory;
+// range(5): 1 = mapped memory (the weights in GPU pages mapped while staged,
+// copied from pinned host copies; read-mostly then applies to the biases).
 void BM_Layers(benchmark::State& state) {
   cuda::DeviceConfig c;
   c.gpu_budget = kModelBytes / state.range(0);
@@ -136,6 +139,7 @@ void BM_Layers(benchmark::State& state) {
   c.eviction = state.range(2) ? cuda::Eviction::kDiscard : cuda::Eviction::kToHost;
   c.lookahead = static_cast<unsigned>(state.range(3));
   c.direct_host = state.range(4) != 0;
+  c.memory = state.range(5) ? cuda::Memory::kMapped : cuda::Memory::kManaged;
   c.paging.max_resident = c.gpu_budget;
   c.monitor.enabled = false;
   auto b = cuda::DeviceBundle::Open(ModelPath(), c);
@@ -169,12 +173,15 @@ void BM_Layers(benchmark::State& state) {
   state.counters["budget_MiB"] = static_cast<double>(c.gpu_budget) / (1 << 20);
 }
 BENCHMARK(BM_Layers)
-    ->ArgNames({"oversub", "readmostly", "discard", "lookahead", "direct"})
-    ->Args({2, 1, 0, 2, 0})->Args({4, 1, 0, 2, 0})->Args({8, 1, 0, 2, 0})
-    ->Args({4, 0, 0, 2, 0})
-    ->Args({4, 1, 0, 1, 0})->Args({4, 1, 0, 3, 0})
-    ->Args({4, 1, 1, 2, 0})
-    ->Args({4, 1, 0, 2, 1})
+    ->ArgNames({"oversub", "readmostly", "discard", "lookahead", "direct", "mapped"})
+    ->Args({2, 1, 0, 2, 0, 0})->Args({4, 1, 0, 2, 0, 0})->Args({8, 1, 0, 2, 0, 0})
+    ->Args({4, 0, 0, 2, 0, 0})
+    ->Args({4, 1, 0, 1, 0, 0})->Args({4, 1, 0, 3, 0, 0})
+    ->Args({4, 1, 1, 2, 0, 0})
+    ->Args({4, 1, 0, 2, 1, 0})
+    ->Args({2, 1, 0, 2, 0, 1})->Args({4, 1, 0, 2, 0, 1})->Args({8, 1, 0, 2, 0, 1})
+    ->Args({4, 1, 0, 1, 0, 1})
+    ->Args({4, 1, 1, 2, 0, 1})
     ->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
 
 // Host-to-device bandwidth: managed memory prefetched (range(0) = 1:

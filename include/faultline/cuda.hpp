@@ -10,10 +10,21 @@
 // nullptr = the legacy default stream). Built without CUDA, or on a machine
 // without a usable GPU, Available() is false and Open fails with ENOTSUP.
 //
+// With Memory::kMapped, tensors of at least one VMM granule (2 MiB on
+// current GPUs) live instead at addresses reserved for them, under which
+// a GPU allocation of their size is mapped while they are staged (CUDA
+// virtual memory management; reused from an evicted tensor of the same
+// size) and a shared placeholder (up to 64 MiB, outside the budget) while
+// they are not; their host copies are pinned, and a transfer is one
+// cudaMemcpyAsync at the link's full rate. Smaller tensors stay in managed
+// memory.
+//
 // Contract: a tensor's device pointer holds its data for work queued on a
 // stream between Begin(step) and End(step) of a plan step that contains it.
 // Outside those, its contents are whatever the tier left (valid after
-// kToHost eviction, indeterminate after a discard).
+// kToHost eviction with managed memory, indeterminate after a discard and
+// for mapped tensors, whose range then reads a shared placeholder page).
+// Mapped tensors are device memory: the host cannot dereference them.
 // Thread-safety: every method may be called from any thread; one plan pass
 // at a time.
 #pragma once
@@ -42,6 +53,10 @@ enum class Eviction : uint8_t {
   kDiscard,  // drop every copy (cudaMemDiscardBatchAsync); decoded again from the bundle when needed
 };
 enum class Location : uint8_t { kNone, kDevice, kHost };
+enum class Memory : uint8_t {
+  kManaged,  // cudaMallocManaged, moved by prefetches and advisories
+  kMapped,   // reserved addresses, GPU pages mapped while staged (tensors of a granule or more)
+};
 
 // CUDA memory advisories applied to a tensor's managed range.
 // The defaults suit weights: read-mostly, so the host keeps its copy while
@@ -76,7 +91,8 @@ struct DeviceConfig {
   uint64_t host_budget = 0;  // bytes of decoded host copies; 0 = no limit (the monitor still reacts to pressure)
   unsigned lookahead = 2;    // plan steps prefetched ahead of the current one
   Eviction eviction = Eviction::kToHost;
-  Advice advice;             // applied to every tensor at open; Advise() changes one
+  Memory memory = Memory::kManaged;
+  Advice advice;             // applied to every managed tensor at open; Advise() changes one
   MonitorConfig monitor;
   // Hand the pager's pointers (userfaultfd-backed host memory) to kernels
   // instead of managed memory; needs cudaDevAttrPageableMemoryAccess (HMM).
@@ -86,12 +102,13 @@ struct DeviceConfig {
   // Defaults overridden by FAULTLINE_GPU_BUDGET, FAULTLINE_GPU_HOST_BUDGET,
   // FAULTLINE_GPU_LOOKAHEAD, FAULTLINE_GPU_EVICT, FAULTLINE_GPU_READ_MOSTLY,
   // FAULTLINE_GPU_MONITOR, FAULTLINE_GPU_OFFLOAD, FAULTLINE_GPU_EMERGENCY,
-  // FAULTLINE_GPU_RELOAD, FAULTLINE_GPU_DIRECT (README: runtime options).
+  // FAULTLINE_GPU_RELOAD, FAULTLINE_GPU_DIRECT, FAULTLINE_GPU_MEMORY
+  // (README: runtime options).
   static DeviceConfig FromEnvironment();
 };
 
 struct DeviceTensor {
-  void* data = nullptr;  // device-usable pointer (managed memory)
+  void* data = nullptr;  // device-usable pointer (managed memory, or a mapped range)
   const TensorInfo* info = nullptr;
   uint32_t id = 0;       // index across the bundle's tensors
   uint64_t size() const noexcept { return info ? info->size : 0; }
@@ -101,11 +118,12 @@ struct DeviceStats {
   uint64_t to_device = 0, bytes_to_device = 0;    // prefetches to the GPU
   uint64_t to_host = 0, bytes_to_host = 0;        // evictions back to the host
   uint64_t discards = 0, bytes_discarded = 0;     // copies dropped (back to the bundle on disk)
-  uint64_t decodes = 0, bytes_decoded = 0;        // tensors decoded from the bundle into managed pages
+  uint64_t decodes = 0, bytes_decoded = 0;        // tensors decoded from the bundle into their host copies
   uint64_t errors = 0;                            // tensors that could not be decoded
   uint64_t spilled_written = 0, restored_written = 0;  // written tensors moved to / back from the allocator
   uint64_t begin_waits = 0;                       // Begin() found its step not yet issued
   uint64_t device_resident = 0, peak_device_resident = 0;
+  uint64_t device_pages = 0;                      // memory = mapped: bytes of GPU memory held for mapped tensors (in use or free)
   uint64_t host_resident = 0, peak_host_resident = 0;
   uint64_t gpu_budget = 0, effective_gpu_budget = 0;  // the monitor lowers the effective one under pressure
   uint64_t monitor_ticks = 0, offloads = 0, emergencies = 0, reloads = 0, host_drops = 0;
@@ -115,10 +133,12 @@ struct DeviceStats {
 
 class DeviceBundle {
  public:
-  // Opens the bundle, allocates managed memory for every tensor and applies
-  // the advisories. Nothing is read until a step needs it. Errors: ENOTSUP
-  // (no CUDA, no device, no concurrent managed access, direct_host without
-  // HMM), ENODEV (bad device index), ENOMEM, and the reader's for a bad file.
+  // Opens the bundle, allocates managed memory (or reserves addresses) for
+  // every tensor and applies the advisories. Nothing is read until a step
+  // needs it. Errors: ENOTSUP (no CUDA, no device, no concurrent managed
+  // access, direct_host without HMM, mapped memory without virtual memory
+  // management), ENODEV (bad device index), ENOMEM, and the reader's for a
+  // bad file.
   static Result<std::unique_ptr<DeviceBundle>> Open(const std::string& path,
                                                     const DeviceConfig& config = DeviceConfig::FromEnvironment());
   // Waits for queued transfers, stops the stager and monitor, frees the
@@ -131,6 +151,7 @@ class DeviceBundle {
   Result<DeviceTensor> tensor(std::string_view model, std::string_view name) const;
   // Every tensor of `model` whose name starts with `prefix`, in bundle order.
   std::vector<DeviceTensor> layer(std::string_view model, std::string_view prefix) const;
+  // Managed tensors only: EINVAL for a mapped one.
   Status Advise(const DeviceTensor& t, const Advice& advice);
   // The tensor's contents were changed (by a kernel or the host), so the
   // bundle no longer has them: it is never discarded, and when the monitor

@@ -200,6 +200,7 @@ int faultline_advise(void* p, size_t len, int advice);
  * Streams are cudaStream_t passed as void* (NULL = the default stream). */
 typedef struct faultline_device faultline_device;
 enum faultline_eviction { FAULTLINE_EVICT_TO_HOST = 0, FAULTLINE_EVICT_DISCARD };
+enum faultline_gpu_memory { FAULTLINE_GPU_MANAGED = 0, FAULTLINE_GPU_MAPPED };
 typedef struct faultline_device_config {
   size_t struct_size;      /* sizeof(faultline_device_config) */
   int device;
@@ -211,6 +212,7 @@ typedef struct faultline_device_config {
   int monitor;             /* non-zero: watch memory pressure */
   double offload, emergency, reload;  /* thresholds (fractions), GPU and host */
   int direct_host;         /* non-zero: pager pointers instead of managed memory (HMM) */
+  int memory;              /* enum faultline_gpu_memory; absent from a struct_size that ends before it: the default */
 } faultline_device_config;
 void faultline_device_config_init(faultline_device_config* config);
 int faultline_device_open(const char* path, const faultline_device_config* config, faultline_device** out);

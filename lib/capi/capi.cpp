@@ -399,13 +399,18 @@ void faultline_device_config_init(faultline_device_config* c) {
   c->emergency = d.monitor.gpu.emergency;
   c->reload = d.monitor.gpu.reload;
   c->direct_host = d.direct_host;
+  c->memory = d.memory == cuda::Memory::kMapped ? FAULTLINE_GPU_MAPPED : FAULTLINE_GPU_MANAGED;
 }
 
 int faultline_device_open(const char* path, const faultline_device_config* c, faultline_device** out) {
   if (!path || !out) return Fail(EINVAL, "path and out must not be NULL");
   cuda::DeviceConfig cfg = cuda::DeviceConfig::FromEnvironment();
   if (c) {
-    if (c->struct_size < sizeof(faultline_device_config)) return Fail(EINVAL, "config struct_size too small");
+    // A caller built before `memory` existed passes a struct that ends before it.
+    if (c->struct_size < offsetof(faultline_device_config, memory)) return Fail(EINVAL, "config struct_size too small");
+    bool has_memory = c->struct_size >= offsetof(faultline_device_config, memory) + sizeof(c->memory);
+    if (has_memory && c->memory != FAULTLINE_GPU_MANAGED && c->memory != FAULTLINE_GPU_MAPPED)
+      return Fail(EINVAL, "unknown GPU memory kind");
     if (c->eviction != FAULTLINE_EVICT_TO_HOST && c->eviction != FAULTLINE_EVICT_DISCARD)
       return Fail(EINVAL, "unknown eviction");
     cfg.device = c->device;
@@ -421,6 +426,7 @@ int faultline_device_open(const char* path, const faultline_device_config* c, fa
       t->reload = c->reload;
     }
     cfg.direct_host = c->direct_host != 0;
+    if (has_memory) cfg.memory = c->memory == FAULTLINE_GPU_MAPPED ? cuda::Memory::kMapped : cuda::Memory::kManaged;
   }
   return Guard([&] {
     auto r = cuda::DeviceBundle::Open(path, cfg);

@@ -10,10 +10,21 @@
 // Begin() only pins and waits until its step is queued; the GPU, not the
 // host, waits for the transfer (cudaStreamWaitEvent).
 //
+// With memory = mapped, tensors of a VMM granule or more live in one address
+// reservation instead: a shared placeholder is mapped under them while they
+// are not staged, and a GPU allocation of their size while they are (reused
+// from an evicted tensor of the same size; free ones are released when the
+// monitor lowers the budget). Their host copies are pinned, so staging is
+// unmap + map + one cudaMemcpyAsync at the link's rate, and eviction (after
+// the work that used them) maps the placeholder back; managed memory
+// instead pays for the driver giving the range GPU pages again on every
+// return (docs/ARCHITECTURE.md).
+//
 // Per tensor: where its data is (disk = the bundle only, host, device), a
 // pin count (steps between Begin and End), the event after its last
 // side-stream operation (Begin waits on it; the host syncs on it before
 // decoding into pages a discard may still be dropping).
+#include <cuda.h>  // driver types for virtual memory management; the functions come from the runtime's entry points
 #include <cuda_runtime_api.h>
 #include <sys/mman.h>
 
@@ -40,6 +51,9 @@ namespace {
 // managed memory in 64 KiB pages at least.
 constexpr uint64_t kGranule = 64 << 10;
 constexpr size_t kNoStep = SIZE_MAX;
+// The placeholder under unstaged mapped tensors: one mapping per this many
+// bytes of a tensor (GPU memory it takes outside the budget).
+constexpr uint64_t kPlaceholderMax = 64ull << 20;
 
 uint64_t Rounded(uint64_t n) { return (n + kGranule - 1) / kGranule * kGranule; }
 
@@ -81,9 +95,65 @@ cudaError_t AdviseRange(const void* p, size_t n, cudaMemoryAdvise a, cudaMemLoca
 
 enum class Where : uint8_t { kDisk, kHost, kDevice };
 
+// The driver's virtual memory management, reached through the runtime's
+// entry-point lookup (the library does not link libcuda).
+struct Vmm {
+  CUresult (*device_get)(CUdevice*, int) = nullptr;
+  CUresult (*attribute)(int*, CUdevice_attribute, CUdevice) = nullptr;
+  CUresult (*granularity)(size_t*, const CUmemAllocationProp*, CUmemAllocationGranularity_flags) = nullptr;
+  CUresult (*create)(CUmemGenericAllocationHandle*, size_t, const CUmemAllocationProp*, unsigned long long) = nullptr;
+  CUresult (*release)(CUmemGenericAllocationHandle) = nullptr;
+  CUresult (*reserve)(CUdeviceptr*, size_t, size_t, CUdeviceptr, unsigned long long) = nullptr;
+  CUresult (*free_range)(CUdeviceptr, size_t) = nullptr;
+  CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long) = nullptr;
+  CUresult (*unmap)(CUdeviceptr, size_t) = nullptr;
+  CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t) = nullptr;
+  CUresult (*error_string)(CUresult, const char**) = nullptr;
+
+  Status Load() {
+#if CUDART_VERSION >= 12050
+    struct {
+      const char* name;
+      void** fn;
+    } fns[] = {
+        {"cuDeviceGet", reinterpret_cast<void**>(&device_get)},
+        {"cuDeviceGetAttribute", reinterpret_cast<void**>(&attribute)},
+        {"cuMemGetAllocationGranularity", reinterpret_cast<void**>(&granularity)},
+        {"cuMemCreate", reinterpret_cast<void**>(&create)},
+        {"cuMemRelease", reinterpret_cast<void**>(&release)},
+        {"cuMemAddressReserve", reinterpret_cast<void**>(&reserve)},
+        {"cuMemAddressFree", reinterpret_cast<void**>(&free_range)},
+        {"cuMemMap", reinterpret_cast<void**>(&map)},
+        {"cuMemUnmap", reinterpret_cast<void**>(&unmap)},
+        {"cuMemSetAccess", reinterpret_cast<void**>(&set_access)},
+        {"cuGetErrorString", reinterpret_cast<void**>(&error_string)},
+    };
+    for (auto& f : fns) {
+      cudaDriverEntryPointQueryResult q = cudaDriverEntryPointSymbolNotFound;
+      cudaError_t e = cudaGetDriverEntryPointByVersion(f.name, f.fn, 12000, cudaEnableDefault, &q);
+      if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || !*f.fn)
+        return Status::Error(ENOTSUP, "the CUDA driver offers no %s, which mapped memory needs", f.name);
+    }
+    return Status::Ok();
+#else
+    return Status::Error(ENOTSUP, "mapped memory needs a build with CUDA 12.5 or later");
+#endif
+  }
+
+  Status Check(CUresult r, const char* what) const {
+    if (r == CUDA_SUCCESS) return Status::Ok();
+    const char* m = nullptr;
+    if (error_string) error_string(r, &m);
+    return Status::Error(r == CUDA_ERROR_OUT_OF_MEMORY ? ENOMEM : EIO, "%s: %s", what, m ? m : "CUDA driver error");
+  }
+};
+
 struct Slot {
   const TensorInfo* info = nullptr;
-  void* ptr = nullptr;        // managed memory, or the pager's mapping (direct)
+  void* ptr = nullptr;        // managed memory, the pager's mapping (direct), or a mapped range
+  bool mapped = false;        // memory = mapped: ptr is in the reservation, `phys` mapped under it while staged
+  void* host = nullptr;       // mapped: the pinned host copy (null while on disk)
+  CUmemGenericAllocationHandle phys = 0;  // mapped: its GPU memory (one allocation of `bytes`) while staged
   uint64_t bytes = 0;         // rounded size, as counted in the budgets
   Where where = Where::kDisk;
   bool read_mostly = false;   // the host keeps its copy while on the device
@@ -126,8 +196,32 @@ struct DeviceBundle::Impl {
   std::thread stager;
   internal::Ticker ticker;
 
+  // memory = mapped. Each staged tensor has one GPU allocation of its
+  // rounded size, mapped with one call (per-granule mappings cost about
+  // 20 us a call, more than the transfer); evicted tensors leave theirs
+  // in a free list for the next tensor of the same size.
+  Vmm vmm;
+  size_t page = 0;                 // the VMM granule; mapped tensors' sizes round up to it
+  CUdeviceptr reservation = 0;     // addresses of every mapped tensor
+  size_t reservation_size = 0;
+  CUmemAllocationProp prop{};
+  CUmemAccessDesc access{};
+  CUmemGenericAllocationHandle placeholder = 0;  // mapped under a mapped tensor while it is not staged
+  uint64_t placeholder_size = 0;   // the largest mapped tensor's size, at most kPlaceholderMax
+  std::vector<std::pair<uint64_t, CUmemGenericAllocationHandle>> free_phys;  // (size, allocation)
+  uint64_t phys_held = 0;          // bytes of GPU memory allocated for mapped tensors, in use or free
+
   ~Impl();
   Status Init(const std::string& path);
+  Status InitMapped();
+  Status MapPlaceholder(const Slot& s);
+  void UnmapPlaceholder(const Slot& s);
+  Status Remap(Slot& s, bool stage);
+  void TrimPages();
+  // The host copy a tensor is decoded into and copied from.
+  static void* HostCopy(const Slot& s) { return s.mapped ? s.host : s.ptr; }
+  // The host copy stays valid while the tensor is on the device.
+  static bool KeepsHostCopy(const Slot& s) { return s.read_mostly || s.mapped; }
   Status ApplyAdvice(Slot& s, const Advice& a);
   void StagerLoop();
   // Wakes the stager after a change it must look at; counted, so that a
@@ -194,15 +288,117 @@ DeviceBundle::Impl::~Impl() {
   if (side) cudaStreamSynchronize(side);
   for (Slot& s : slots) {
     if (s.side_event) cudaEventDestroy(s.side_event);
-    if (s.ptr && !paged) cudaFree(s.ptr);
+    if (s.mapped) {
+      if (s.phys) {
+        vmm.unmap(reinterpret_cast<CUdeviceptr>(s.ptr), s.bytes);
+        vmm.release(s.phys);
+      } else {
+        UnmapPlaceholder(s);
+      }
+      if (s.host) cudaFreeHost(s.host);
+    } else if (s.ptr && !paged) {
+      cudaFree(s.ptr);
+    }
     if (s.saved) faultline::Free(s.saved);
   }
+  for (auto& f : free_phys) vmm.release(f.second);
+  if (placeholder_size) vmm.release(placeholder);
+  if (reservation) vmm.free_range(reservation, reservation_size);
   for (cudaEvent_t e : done_events) cudaEventDestroy(e);
   if (side) cudaStreamDestroy(side);
 }
 
+Status DeviceBundle::Impl::InitMapped() {
+  FL_RETURN_IF_ERROR(vmm.Load());
+  CUdevice dev = 0;
+  FL_RETURN_IF_ERROR(vmm.Check(vmm.device_get(&dev, config.device), "cuDeviceGet"));
+  int supported = 0;
+  vmm.attribute(&supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, dev);
+  if (!supported)
+    return Status::Error(ENOTSUP, "device %d has no virtual memory management, which mapped memory needs; "
+                         "use managed memory", config.device);
+  prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
+  prop.location.id = config.device;  // an ordinal
+  access.location = prop.location;
+  access.flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  return vmm.Check(vmm.granularity(&page, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM), "cuMemGetAllocationGranularity");
+}
+
+Status DeviceBundle::Impl::MapPlaceholder(const Slot& s) {
+  auto base = reinterpret_cast<CUdeviceptr>(s.ptr);
+  Status err;
+  for (uint64_t at = 0; at < s.bytes; at += placeholder_size) {
+    CUresult r = vmm.map(base + at, std::min(placeholder_size, s.bytes - at), 0, placeholder, 0);
+    if (r != CUDA_SUCCESS && err.ok()) err = vmm.Check(r, "cuMemMap (placeholder)");
+  }
+  return err;
+}
+
+void DeviceBundle::Impl::UnmapPlaceholder(const Slot& s) {
+  auto base = reinterpret_cast<CUdeviceptr>(s.ptr);
+  for (uint64_t at = 0; at < s.bytes; at += placeholder_size)
+    vmm.unmap(base + at, std::min(placeholder_size, s.bytes - at));
+}
+
+// Maps a mapped tensor's own GPU memory under its range (stage: reused
+// from an evicted tensor of the same size, or allocated) or the placeholder
+// (its memory goes to the free list), then grants the device access to the
+// range again (a new mapping starts with none).
+Status DeviceBundle::Impl::Remap(Slot& s, bool stage) {
+  auto base = reinterpret_cast<CUdeviceptr>(s.ptr);
+  Status err;
+  if (stage) {
+    auto same = std::find_if(free_phys.begin(), free_phys.end(), [&](auto& f) { return f.first == s.bytes; });
+    if (same != free_phys.end()) {
+      s.phys = same->second;
+      free_phys.erase(same);
+    } else {
+      // Free allocations of other sizes go first while they and this one
+      // would hold more than the tensors on the device.
+      while (!free_phys.empty() && phys_held + s.bytes > std::max(effective_budget, st.device_resident)) {
+        vmm.release(free_phys.back().second);
+        phys_held -= free_phys.back().first;
+        free_phys.pop_back();
+      }
+      FL_RETURN_IF_ERROR(vmm.Check(vmm.create(&s.phys, s.bytes, &prop, 0), "cuMemCreate"));
+      phys_held += s.bytes;
+    }
+    UnmapPlaceholder(s);
+    err = vmm.Check(vmm.map(base, s.bytes, 0, s.phys, 0), "cuMemMap");
+    if (!err.ok()) {
+      free_phys.emplace_back(s.bytes, s.phys);
+      s.phys = 0;
+      (void)MapPlaceholder(s);
+    }
+  } else if (s.phys) {
+    vmm.unmap(base, s.bytes);
+    free_phys.emplace_back(s.bytes, s.phys);
+    s.phys = 0;
+    err = MapPlaceholder(s);
+  }
+  Status a = vmm.Check(vmm.set_access(base, s.bytes, &access, 1), "cuMemSetAccess");
+  if (err.ok()) err = a;
+  TrimPages();
+  return err;
+}
+
+// Free GPU memory of mapped tensors goes back to the driver while more is
+// held than the (possibly lowered) budget.
+void DeviceBundle::Impl::TrimPages() {
+  while (!free_phys.empty() && phys_held > effective_budget) {
+    vmm.release(free_phys.back().second);
+    phys_held -= free_phys.back().first;
+    free_phys.pop_back();
+  }
+  st.device_pages = phys_held;
+}
+
 Status DeviceBundle::Impl::ApplyAdvice(Slot& s, const Advice& a) {
   if (paged) return Status::Ok();  // pageable memory: the driver's defaults
+  if (s.mapped)
+    return Status::Error(EINVAL, "tensor '%s' is in mapped memory; advisories apply to managed memory only",
+                         s.info->name.c_str());
   cudaMemLocation dev = DeviceLoc(config.device);
   size_t n = std::max<uint64_t>(s.info->size, 1);
   cudaError_t e = AdviseRange(s.ptr, n, a.read_mostly ? cudaMemAdviseSetReadMostly : cudaMemAdviseUnsetReadMostly, dev);
@@ -232,6 +428,8 @@ Status DeviceBundle::Impl::Init(const std::string& path) {
   int concurrent = 0, pageable = 0;
   cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentManagedAccess, config.device);
   cudaDeviceGetAttribute(&pageable, cudaDevAttrPageableMemoryAccess, config.device);
+  if (config.direct_host && config.memory == Memory::kMapped)
+    return Status::Error(EINVAL, "direct_host and mapped memory exclude each other: choose one");
   if (config.direct_host && !pageable)
     return Status::Error(ENOTSUP,
                          "device %d cannot access pageable host memory (cudaDevAttrPageableMemoryAccess = 0, no HMM); "
@@ -260,6 +458,25 @@ Status DeviceBundle::Impl::Init(const std::string& path) {
     FL_ASSIGN_OR_RETURN(reader, BundleReader::Open(path));
   }
   const BundleInfo& info = paged ? paged->info() : reader->info();
+  bool mapped = !paged && config.memory == Memory::kMapped;
+  if (mapped) {
+    FL_RETURN_IF_ERROR(InitMapped());
+    uint64_t largest = 0;
+    for (const ModelInfo& m : info.models)
+      for (const TensorInfo& t : m.tensors)
+        if (t.size >= page) {
+          uint64_t n = (t.size + page - 1) / page * page;
+          reservation_size += n;
+          largest = std::max(largest, n);
+        }
+    if (reservation_size) {
+      uint64_t want = std::min(largest, std::max<uint64_t>(kPlaceholderMax / page, 1) * page);
+      FL_RETURN_IF_ERROR(vmm.Check(vmm.create(&placeholder, want, &prop, 0), "cuMemCreate (placeholder)"));
+      placeholder_size = want;
+      FL_RETURN_IF_ERROR(vmm.Check(vmm.reserve(&reservation, reservation_size, page, 0, 0), "cuMemAddressReserve"));
+    }
+  }
+  size_t reserved = 0;
   for (const ModelInfo& m : info.models) {
     model_first.push_back(static_cast<uint32_t>(slots.size()));
     ModelView mv;
@@ -271,6 +488,16 @@ Status DeviceBundle::Impl::Init(const std::string& path) {
       if (paged) {
         s.view = *mv.tensor(t.name);
         s.ptr = const_cast<void*>(s.view.data());
+      } else if (mapped && t.size >= page) {
+        s.mapped = true;
+        s.bytes = (t.size + page - 1) / page * page;
+        s.ptr = reinterpret_cast<void*>(reservation + reserved);
+        reserved += s.bytes;
+        Status r = MapPlaceholder(s);
+        if (!r.ok()) {
+          slots.push_back(std::move(s));  // the destructor unmaps what was mapped
+          return r;
+        }
       } else {
         e = cudaMallocManaged(&s.ptr, std::max<uint64_t>(t.size, 1), cudaMemAttachGlobal);
         if (e != cudaSuccess) {
@@ -281,9 +508,11 @@ Status DeviceBundle::Impl::Init(const std::string& path) {
       e = cudaEventCreateWithFlags(&s.side_event, cudaEventDisableTiming);
       slots.push_back(std::move(s));
       if (e != cudaSuccess) return CudaStatus(e, "cudaEventCreate");
-      FL_RETURN_IF_ERROR(ApplyAdvice(slots.back(), config.advice));
+      if (!slots.back().mapped) FL_RETURN_IF_ERROR(ApplyAdvice(slots.back(), config.advice));
     }
   }
+  if (reservation)
+    FL_RETURN_IF_ERROR(vmm.Check(vmm.set_access(reservation, reservation_size, &access, 1), "cuMemSetAccess"));
   FL_RETURN_IF_ERROR(CudaStatus(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), "cudaStreamCreate"));
   if (!paged) {
     int device = config.device;
@@ -335,7 +564,7 @@ bool DeviceBundle::Impl::EvictDevice(std::unique_lock<std::mutex>& lk, uint64_t 
       if (picked >= need) break;
       picked += slots[i].bytes;
       size_t step = slots[i].last_done_step;
-      if (slots[i].read_mostly && step != kNoStep &&
+      if ((slots[i].read_mostly || slots[i].mapped) && step != kNoStep &&
           std::find(waits.begin(), waits.end(), done_events[step]) == waits.end())
         waits.push_back(done_events[step]);
     }
@@ -364,6 +593,34 @@ bool DeviceBundle::Impl::EvictDevice(std::unique_lock<std::mutex>& lk, uint64_t 
       waited = s.last_done_step;
     }
     size_t n = std::max<uint64_t>(s.info->size, 1);
+    if (s.mapped) {
+      // Its pages may go once the work that used them (waited for above)
+      // and its own transfer are done; a written tensor is copied back to
+      // its host copy first.
+      if (s.last_done_step != kNoStep) cudaEventSynchronize(done_events[s.last_done_step]);
+      cudaEventSynchronize(s.side_event);
+      if (s.written) {
+        cudaMemcpyAsync(s.host, s.ptr, s.info->size, cudaMemcpyDeviceToHost, side);
+        cudaEventRecord(s.side_event, side);
+        cudaEventSynchronize(s.side_event);
+      }
+      if (!Remap(s, false).ok()) st.errors++;  // the range keeps no pages either way
+      if (config.eviction == Eviction::kToHost || s.written) {
+        s.where = Where::kHost;
+        st.to_host++;
+        st.bytes_to_host += s.info->size;
+      } else {
+        cudaFreeHost(s.host);
+        s.host = nullptr;
+        AddHost(-int64_t(s.bytes));
+        s.where = Where::kDisk;
+        st.discards++;
+        st.bytes_discarded += s.info->size;
+      }
+      st.device_resident -= s.bytes;
+      freed += s.bytes;
+      continue;
+    }
     if (config.eviction == Eviction::kToHost && s.read_mostly) {
       // A read-mostly range prefetched to the host keeps its read-only
       // duplicate on the GPU (the driver frees it only under its own
@@ -423,6 +680,7 @@ bool DeviceBundle::Impl::DropHost(uint64_t need, bool all) {
   std::vector<void*> ptrs;
   std::vector<size_t> sizes;
   uint64_t freed = 0;
+  bool dropped = false;
   for (auto [d, i] : cand) {
     if (!all && freed >= need) break;
     Slot& s = slots[i];
@@ -432,22 +690,28 @@ bool DeviceBundle::Impl::DropHost(uint64_t need, bool all) {
       void* save = s.info->size ? faultline::Allocate(s.info->size) : nullptr;
       if (s.info->size && !save) continue;  // no memory for it: it stays
       if (s.side_pending) cudaEventSynchronize(s.side_event);
-      if (s.info->size) memcpy(save, s.ptr, s.info->size);
+      if (s.info->size) memcpy(save, HostCopy(s), s.info->size);
       s.saved = save;
       st.spilled_written++;
     }
-    ptrs.push_back(s.ptr);
-    sizes.push_back(std::max<uint64_t>(s.info->size, 1));
+    dropped = true;
+    if (s.mapped) {
+      cudaFreeHost(s.host);  // nothing on the side stream reads it: eviction waited for its transfer
+      s.host = nullptr;
+    } else {
+      ptrs.push_back(s.ptr);
+      sizes.push_back(std::max<uint64_t>(s.info->size, 1));
+      s.side_pending = true;
+    }
     s.where = Where::kDisk;
-    s.side_pending = true;
     AddHost(-int64_t(s.bytes));
     freed += s.bytes;
     st.discards++;
     st.bytes_discarded += s.info->size;
   }
-  if (ptrs.empty()) return false;
+  if (!dropped) return false;
 #if CUDART_VERSION >= 13000
-  cudaMemDiscardBatchAsync(ptrs.data(), sizes.data(), ptrs.size(), 0, side);
+  if (!ptrs.empty()) cudaMemDiscardBatchAsync(ptrs.data(), sizes.data(), ptrs.size(), 0, side);
 #endif
   for (auto [d, i] : cand)
     if (slots[i].where == Where::kDisk && slots[i].side_pending) cudaEventRecord(slots[i].side_event, side);
@@ -465,6 +729,7 @@ void DeviceBundle::Impl::StagerLoop() {
 
 // One unit of work under the lock; false when there is nothing to do now.
 bool DeviceBundle::Impl::Work(std::unique_lock<std::mutex>& lk) {
+  if (page) TrimPages();  // free pages over a lowered budget go back to the driver
   // The monitor lowered the budget: make room now.
   if (st.device_resident > effective_budget && EvictDevice(lk, st.device_resident - effective_budget, 0, true)) return true;
 #if CUDART_VERSION >= 13000
@@ -549,14 +814,22 @@ void DeviceBundle::Impl::Stage(std::unique_lock<std::mutex>& lk, size_t step) {
   for (uint32_t id : decode) {
     Slot& s = slots[id];
     if (s.side_pending) cudaEventSynchronize(s.side_event);  // a discard must not drop what we write
+    if (s.mapped && !s.host) {
+      cudaError_t e = cudaMallocHost(&s.host, s.info->size);
+      if (e != cudaSuccess) {
+        s.host = nullptr;
+        err = CudaStatus(e, "cudaMallocHost (a mapped tensor's host copy)");
+        break;
+      }
+    }
     if (s.saved) {  // a written tensor comes back from the allocator, not the bundle
-      memcpy(s.ptr, s.saved, s.info->size);
+      memcpy(HostCopy(s), s.saved, s.info->size);
       faultline::Free(s.saved);
       s.saved = nullptr;
       from_saved[decoded++] = true;
       continue;
     }
-    Status r = reader->ReadTensor(*s.info, {static_cast<std::byte*>(s.ptr), s.info->size});
+    Status r = reader->ReadTensor(*s.info, {static_cast<std::byte*>(HostCopy(s)), s.info->size});
     if (!r.ok()) {
       err = r;
       break;
@@ -584,12 +857,27 @@ void DeviceBundle::Impl::Stage(std::unique_lock<std::mutex>& lk, size_t step) {
     return;
   }
   cudaMemLocation dev = DeviceLoc(config.device);
-  for (uint32_t id : ids) {
-    Slot& s = slots[id];
-    PrefetchTo(s.ptr, std::max<uint64_t>(s.info->size, 1), dev, side);
+  for (size_t k = 0; k < ids.size(); k++) {
+    Slot& s = slots[ids[k]];
+    if (s.mapped) {
+      Status r = Remap(s, true);
+      if (!r.ok()) {
+        // The tensors already queued stay on the device; this one and the
+        // rest stay on the host, and their reservation is given back.
+        if (!Remap(s, false).ok()) st.errors++;  // the placeholder could not go back either
+        for (size_t j = k; j < ids.size(); j++) st.device_resident -= slots[ids[j]].bytes;
+        st.errors++;
+        step_error[step] = r;
+        done_cv.notify_all();
+        return;
+      }
+      cudaMemcpyAsync(s.ptr, s.host, s.info->size, cudaMemcpyHostToDevice, side);
+    } else {
+      PrefetchTo(s.ptr, std::max<uint64_t>(s.info->size, 1), dev, side);
+    }
     cudaEventRecord(s.side_event, side);
     s.side_pending = false;
-    if (!s.read_mostly) AddHost(-int64_t(s.bytes));
+    if (!KeepsHostCopy(s)) AddHost(-int64_t(s.bytes));
     s.where = Where::kDevice;
     st.to_device++;
     st.bytes_to_device += s.info->size;
@@ -698,8 +986,9 @@ Status DeviceBundle::MarkWritten(const DeviceTensor& t) {
     s.written = true;
   }
   // Read-mostly suits read-only data: a written tensor migrates instead
-  // (its one valid copy moves with it; eviction copies it back).
-  if (s.read_mostly) {
+  // (its one valid copy moves with it; eviction copies it back). A mapped
+  // one is copied back to its host copy when it leaves the GPU.
+  if (s.read_mostly && !s.mapped) {
     Advice a;
     a.read_mostly = false;
     a.preferred = s.preferred;

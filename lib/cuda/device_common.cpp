@@ -33,6 +33,11 @@ DeviceConfig DeviceConfig::FromEnvironment() {
     if (reload > 0) t->reload = reload;
   }
   internal::OptionFlag(OptionId::kGpuDirect, &c.direct_host);
+  if (const char* v = internal::OptionValue(OptionId::kGpuMemory)) {
+    if (!strcmp(v, "managed")) c.memory = Memory::kManaged;
+    else if (!strcmp(v, "mapped")) c.memory = Memory::kMapped;
+    else internal::WarnBadOption(OptionId::kGpuMemory, v, "managed or mapped");
+  }
   return c;
 }
 
@@ -45,7 +50,8 @@ std::string DeviceStats::ToString() const {
     << ", Begin waited " << begin_waits << ", written tensors spilled " << spilled_written << " / restored "
     << restored_written << "\n"
     << "  device resident " << FormatSize(device_resident) << ", peak " << FormatSize(peak_device_resident)
-    << ", budget " << FormatSize(gpu_budget) << " (effective " << FormatSize(effective_gpu_budget) << ")\n"
+    << ", budget " << FormatSize(gpu_budget) << " (effective " << FormatSize(effective_gpu_budget) << ")"
+    << (device_pages ? ", mapped pages held " + FormatSize(device_pages) : std::string()) << "\n"
     << "  host resident " << FormatSize(host_resident) << ", peak " << FormatSize(peak_host_resident) << "\n"
     << "  monitor: ticks " << monitor_ticks << ", offloads " << offloads << ", emergencies " << emergencies
     << ", reloads " << reloads << ", host drops " << host_drops << ", last pressure gpu " << gpu_pressure

@@ -34,6 +34,7 @@ constexpr OptionSpec kOptions[] = {
     {"FAULTLINE_GPU_EMERGENCY", "fraction", "0.95", "memory use above which all idle tensors move down a tier"},
     {"FAULTLINE_GPU_RELOAD", "fraction", "0.70", "memory use below which the full GPU budget is restored"},
     {"FAULTLINE_GPU_DIRECT", "flag", "0", "give kernels the pager's host pointers (needs HMM)"},
+    {"FAULTLINE_GPU_MEMORY", "managed|mapped", "managed", "what backs GPU-tier tensors: CUDA managed memory, or GPU pages mapped under each tensor's address while it is staged"},
     {"FAULTLINE_THRESHOLD", "size", "1M", "allocations of at least this size go to managed memory"},
     {"FAULTLINE_SPILL_DIR", "path", "$TMPDIR or /var/tmp", "where the (unlinked) spill file lives"},
     {"FAULTLINE_SPILL_CODEC", "zstd[:level]|raw", "zstd:1", "how spilled chunks are stored"},

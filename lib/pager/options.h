@@ -12,7 +12,7 @@ enum class OptionId : int {
   kBudget, kPolicy, kMode, kPrefetch, kWorkers, kHuge, kShowStats, kVerbose,
   // The GPU tier (include/faultline/cuda.hpp).
   kGpuBudget, kGpuHostBudget, kGpuLookahead, kGpuEvict, kGpuReadMostly, kGpuMonitor,
-  kGpuOffload, kGpuEmergency, kGpuReload, kGpuDirect,
+  kGpuOffload, kGpuEmergency, kGpuReload, kGpuDirect, kGpuMemory,
   // The allocator (include/faultline/alloc.hpp, the LD_PRELOAD shim).
   kThreshold, kSpillDir, kSpillCodec,
   kCount

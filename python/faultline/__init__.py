@@ -20,7 +20,9 @@ budget) and ``save`` (a bundle from torch tensors).
 from __future__ import annotations
 
 import collections.abc
+import errno
 import json
+import os
 import warnings
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -214,9 +216,9 @@ class Bundle(_Manifest):
         copies them into a module; ``faultline.torch.assign`` does not.
 
         With ``device='cuda'`` (or 'cuda:N') and the GPU tier available
-        (``has_cuda()``), the tensors live in the GPU tier instead: CUDA
-        managed memory streamed through a GPU budget (``gpu_options`` go to
-        ``open_gpu``: gpu_budget, host_budget, lookahead, eviction, ...).
+        (``has_cuda()``), the tensors live in the GPU tier instead, streamed
+        through a GPU budget (``gpu_options`` go to ``open_gpu``:
+        gpu_budget, host_budget, lookahead, eviction, memory, ...).
         That gives a ``StreamedStateDict``: put it into a module with
         ``faultline.torch.assign(module, sd)``, which streams each module's
         tensors to the GPU for its forward pass. Without the GPU tier the
@@ -374,8 +376,9 @@ class StreamedStateDict(collections.abc.Mapping):
 
 
 class GpuBundle(_Manifest):
-    """A bundle in the GPU tier (see ``open_gpu``): every tensor in CUDA
-    managed memory, decoded from the bundle when a plan step first needs it,
+    """A bundle in the GPU tier (see ``open_gpu``): every tensor in mapped
+    memory (2 MiB or more) or CUDA managed memory, decoded from the bundle
+    when a plan step first needs it,
     prefetched to the GPU ``lookahead`` steps ahead and evicted under the GPU
     budget in plan order.
 
@@ -387,19 +390,32 @@ class GpuBundle(_Manifest):
     def __init__(self, path: str, device: Optional[int] = None, gpu_budget: Optional[Size] = None,
                  host_budget: Optional[Size] = None, lookahead: Optional[int] = None,
                  eviction: Optional[str] = None, read_mostly: Optional[bool] = None,
-                 monitor: Optional[bool] = None):
+                 monitor: Optional[bool] = None, memory: Optional[str] = None):
         self.path = str(path)
-        self._g = _native.GpuBundle(self.path, -1 if device is None else int(device), gpu_budget, host_budget,
-                                    -1 if lookahead is None else int(lookahead), eviction or "",
-                                    -1 if read_mostly is None else int(bool(read_mostly)),
-                                    -1 if monitor is None else int(bool(monitor)))
+        # Mapped memory unless told otherwise: torch only ever uses these
+        # tensors on the GPU, and mapped ones stream at the link's rate
+        # (managed memory where the device has no virtual memory management).
+        auto = memory is None and not os.environ.get("FAULTLINE_GPU_MEMORY")
+
+        def native(kind: str) -> Any:
+            return _native.GpuBundle(self.path, -1 if device is None else int(device), gpu_budget, host_budget,
+                                     -1 if lookahead is None else int(lookahead), eviction or "",
+                                     -1 if read_mostly is None else int(bool(read_mostly)),
+                                     -1 if monitor is None else int(bool(monitor)), kind)
+
+        try:
+            self._g = native("mapped" if auto else memory or "")
+        except OSError as e:
+            if not (auto and e.errno == errno.ENOTSUP and "virtual memory management" in str(e)):
+                raise
+            self._g = native("managed")
         self._load_manifest(self._g.manifest())
         self.device: int = self._g.device()
         self._plan: List[List[Tuple[str, str]]] = []
 
     def tensor(self, name: str, model: Optional[str] = None) -> Any:
-        """One tensor as a torch tensor on cuda:device over the tier's managed
-        memory (no copy). See the class note for when it holds the weights."""
+        """One tensor as a torch tensor on cuda:device over the tier's memory
+        (no copy). See the class note for when it holds the weights."""
         import torch
 
         info = self.tensor_info(name, model)
@@ -467,7 +483,8 @@ class GpuBundle(_Manifest):
 
 def open_gpu(path: str, device: Optional[int] = None, gpu_budget: Optional[Size] = None,
              host_budget: Optional[Size] = None, lookahead: Optional[int] = None, eviction: Optional[str] = None,
-             read_mostly: Optional[bool] = None, monitor: Optional[bool] = None) -> GpuBundle:
+             read_mostly: Optional[bool] = None, monitor: Optional[bool] = None,
+             memory: Optional[str] = None) -> GpuBundle:
     """Opens a bundle in the GPU tier (needs ``has_cuda()``; OSError with
     ENOTSUP otherwise, saying why).
 
@@ -476,8 +493,13 @@ def open_gpu(path: str, device: Optional[int] = None, gpu_budget: Optional[Size]
     host_budget: bytes of decoded host copies; lookahead: plan steps
     prefetched ahead; eviction: 'host' (keep the host copy) or 'discard'
     (decode again later); read_mostly: the read-mostly advisory; monitor:
-    watch GPU and host memory pressure. FAULTLINE_GPU_* fill in the rest."""
-    return GpuBundle(path, device, gpu_budget, host_budget, lookahead, eviction, read_mostly, monitor)
+    watch GPU and host memory pressure; memory: 'mapped' (tensors of 2 MiB or
+    more in GPU memory mapped under their addresses while staged, copied
+    from pinned host copies at the link's rate; the default, or managed
+    memory where the device lacks virtual memory management) or 'managed'
+    (CUDA managed memory, advised and prefetched; FAULTLINE_GPU_MEMORY sets
+    the default). FAULTLINE_GPU_* fill in the rest."""
+    return GpuBundle(path, device, gpu_budget, host_budget, lookahead, eviction, read_mostly, monitor, memory)
 
 
 def open(path: str, budget: Optional[Size] = None, policy: Optional[str] = None, mode: Optional[str] = None,

@@ -209,7 +209,7 @@ struct DeviceBuffer {
 class GpuBundle {
  public:
   GpuBundle(const std::string& path, int device, const py::object& gpu_budget, const py::object& host_budget,
-            int lookahead, const std::string& eviction, int read_mostly, int monitor) {
+            int lookahead, const std::string& eviction, int read_mostly, int monitor, const std::string& memory) {
     cuda::DeviceConfig c = cuda::DeviceConfig::FromEnvironment();
     if (device >= 0) c.device = device;
     if (!gpu_budget.is_none()) c.gpu_budget = SizeArg(gpu_budget, "gpu_budget");
@@ -220,6 +220,9 @@ class GpuBundle {
     else if (!eviction.empty()) throw py::value_error("eviction '" + eviction + "' is not host or discard");
     if (read_mostly >= 0) c.advice.read_mostly = read_mostly != 0;
     if (monitor >= 0) c.monitor.enabled = monitor != 0;
+    if (memory == "managed") c.memory = cuda::Memory::kManaged;
+    else if (memory == "mapped") c.memory = cuda::Memory::kMapped;
+    else if (!memory.empty()) throw py::value_error("memory '" + memory + "' is not managed or mapped");
     b_ = WithoutGil([&] { return cuda::DeviceBundle::Open(path, c); });
   }
 
@@ -279,6 +282,7 @@ class GpuBundle {
     d["begin_waits"] = s.begin_waits;
     d["device_resident"] = s.device_resident;
     d["peak_device_resident"] = s.peak_device_resident;
+    d["device_pages"] = s.device_pages;
     d["host_resident"] = s.host_resident;
     d["peak_host_resident"] = s.peak_host_resident;
     d["gpu_budget"] = s.gpu_budget;
@@ -517,10 +521,11 @@ PYBIND11_MODULE(_native, m) {
       .def("__len__", [](const DeviceBuffer& b) { return b.size; });
 
   py::class_<GpuBundle>(m, "GpuBundle")
-      .def(py::init<const std::string&, int, const py::object&, const py::object&, int, const std::string&, int, int>(),
+      .def(py::init<const std::string&, int, const py::object&, const py::object&, int, const std::string&, int, int,
+                    const std::string&>(),
            py::arg("path"), py::arg("device") = -1, py::arg("gpu_budget") = py::none(),
            py::arg("host_budget") = py::none(), py::arg("lookahead") = -1, py::arg("eviction") = "",
-           py::arg("read_mostly") = -1, py::arg("monitor") = -1)
+           py::arg("read_mostly") = -1, py::arg("monitor") = -1, py::arg("memory") = "")
       .def("manifest", &GpuBundle::manifest)
       .def("device", &GpuBundle::device)
       .def("buffer", &GpuBundle::buffer)

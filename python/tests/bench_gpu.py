@@ -4,7 +4,10 @@ one run, each in its own process (so its GPU memory and RSS are its own):
   resident    torch.load + model.cuda(): every weight on the GPU (the bound)
   faultline   open(path).state_dict(device='cuda', gpu_budget=model/4) +
               faultline.torch.assign: the GPU tier streams the weights
-              through the budget by plan (GpuStreamHooks)
+              through the budget by plan (GpuStreamHooks); mapped memory
+              (GPU memory mapped under the weights while staged, copied
+              from pinned host copies), the default
+  faultline-managed  the same with memory='managed' (CUDA managed memory)
   copy        torch.load into pinned host memory, each Linear's weights
               copied to the GPU in its forward pre-hook and dropped after
               it: what a user writes by hand
@@ -43,8 +46,9 @@ torch.cuda.synchronize()
 t0 = time.perf_counter()
 model = skeleton()
 sd = None
-if kind == "faultline":
-    sd = faultline.open(path).state_dict(device="cuda", gpu_budget=size // 4)
+if kind.startswith("faultline"):
+    memory = {"faultline": {}, "faultline-managed": {"memory": "managed"}}[kind]
+    sd = faultline.open(path).state_dict(device="cuda", gpu_budget=size // 4, **memory)
     ft.assign(model, sd)
 elif kind == "resident":
     ft.assign(model, torch.load(path))
@@ -76,9 +80,10 @@ with torch.no_grad():
         model(x)
         torch.cuda.synchronize()
         passes.append(time.perf_counter() - t)
-if kind == "faultline":
+if kind.startswith("faultline"):
     s = sd.gpu.stats()
-    gpu_peak, extra = s["peak_device_resident"], {k: s[k] for k in ("to_device", "to_host", "discards", "decodes", "errors")}
+    gpu_peak, extra = s["peak_device_resident"], {k: s[k] for k in ("to_device", "to_host", "discards", "decodes", "errors",
+                                                                     "device_pages")}
 elif kind == "resident":
     gpu_peak, extra = size, {}
 else:
@@ -97,8 +102,9 @@ def main():
         paths = {"faultline": os.path.join(d, "m.apbundle"), "resident": os.path.join(d, "m.pt")}
         ft.save(sd, paths["faultline"])
         torch.save(sd, paths["resident"])
+        paths["faultline-managed"] = paths["faultline"]
         paths["copy"] = paths["accelerate"] = paths["resident"]
-        kinds = ["resident", "faultline", "copy"]
+        kinds = ["resident", "faultline", "faultline-managed", "copy"]
         try:
             import accelerate  # noqa: F401
 
@@ -110,13 +116,13 @@ def main():
     base = res["resident"]
     print(f"model {LAYERS} x {WIDTH}x{WIDTH} f32 = {LAYERS * WIDTH * WIDTH * 4 >> 20} MiB, GPU budget a quarter, "
           f"batch {BATCH}, {torch.cuda.get_device_name()}")
-    print(f"{'loader':11} {'first pass s':>12} {'passes/s':>9} {'GPU MiB':>8} {'peak RSS MiB':>13} "
+    print(f"{'loader':16} {'first pass s':>12} {'passes/s':>9} {'GPU MiB':>8} {'peak RSS MiB':>13} "
           f"{'first vs resident':>18} {'passes/s vs resident':>21}")
     for k, r in res.items():
-        print(f"{k:11} {r['first_s']:12.3f} {1 / r['pass_s']:9.1f} {r['gpu_mib']:8.0f} {r['rss_mib']:13.0f} "
+        print(f"{k:16} {r['first_s']:12.3f} {1 / r['pass_s']:9.1f} {r['gpu_mib']:8.0f} {r['rss_mib']:13.0f} "
               f"{r['first_s'] / base['first_s']:18.2f} {base['pass_s'] / r['pass_s']:21.3f}")
-    if res["faultline"]["extra"]:
-        print("faultline tier stats:", res["faultline"]["extra"])
+    for k in ("faultline", "faultline-managed"):
+        print(f"{k} tier stats:", res[k]["extra"])
     ref = base["checksum"]
     bad = {k: r["checksum"] for k, r in res.items() if abs(r["checksum"] - ref) > 1e-4 * max(1.0, abs(ref))}
     if bad:

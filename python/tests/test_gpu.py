@@ -205,17 +205,20 @@ def test_bad_gpu_options_are_refused(branches):
         faultline.open_gpu(path, gpu_budget="lots")
     with pytest.raises((ValueError, OSError)):
         faultline.open_gpu(path, eviction="sideways")
+    with pytest.raises((ValueError, OSError)):
+        faultline.open_gpu(path, memory="sideways")
 
 
 @gpu
-def test_a_model_four_times_the_gpu_budget_streams_and_matches_the_resident_run(tmp_path):
+@pytest.mark.parametrize("memory", ["managed", "mapped"])
+def test_a_model_four_times_the_gpu_budget_streams_and_matches_the_resident_run(tmp_path, memory):
     model = mlp(width=1024)
     path = str(tmp_path / "mlp.apbundle")
     ft.save(model, path)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     budget = size // 4
     b = faultline.open(path)
-    sd = b.state_dict(device="cuda", gpu_budget=budget, lookahead=2)
+    sd = b.state_dict(device="cuda", gpu_budget=budget, lookahead=2, memory=memory)
     assert isinstance(sd, faultline.StreamedStateDict)
     t = sd.tensor("0.weight")
     assert t.is_cuda and t.dtype == torch.float32 and tuple(t.shape) == (1024, 1024)
@@ -236,7 +239,25 @@ def test_a_model_four_times_the_gpu_budget_streams_and_matches_the_resident_run(
     assert s["peak_device_resident"] <= budget
     assert s["to_host"] + s["discards"] > 0  # the model does not fit: tensors left the GPU
     assert s["errors"] == 0
+    assert (s["device_pages"] > 0) == (memory == "mapped")  # the 4 MiB weights are mapped
     b.close()
+
+
+@gpu
+def test_streaming_from_torch_maps_its_weights_unless_told_otherwise(tmp_path, monkeypatch):
+    path = str(tmp_path / "mlp.apbundle")
+    ft.save(mlp(width=1024), path)
+    monkeypatch.delenv("FAULTLINE_GPU_MEMORY", raising=False)
+    for env, mapped in ((None, True), ("managed", False)):
+        if env:
+            monkeypatch.setenv("FAULTLINE_GPU_MEMORY", env)
+        with faultline.open_gpu(path, gpu_budget="8M") as g:
+            g.set_plan([["0.weight"]])
+            with g.step(0):
+                w = g.tensor("0.weight")
+                assert w.abs().sum().item() > 0
+            torch.cuda.synchronize()
+            assert (g.stats()["device_pages"] > 0) == mapped
 
 
 @gpu

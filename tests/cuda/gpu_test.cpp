@@ -126,15 +126,18 @@ TEST_CASE("a layer stack three times the GPU budget gives the resident result; r
   TempDir dir;
   std::string path = dir / "mlp.apbundle";
   REQUIRE(WriteLayerModel(path, kLayers, kD).ok());
-  for (bool blas_path : {false, true}) {
+  for (auto [memory, blas_path] : {std::pair{Memory::kManaged, false}, {Memory::kManaged, true},
+                                    {Memory::kMapped, false}, {Memory::kMapped, true}}) {
     for (Eviction ev : {Eviction::kToHost, Eviction::kDiscard}) {
       for (bool read_mostly : {true, false}) {
+        CAPTURE(static_cast<int>(memory));
         CAPTURE(blas_path);
         CAPTURE(static_cast<int>(ev));
         CAPTURE(read_mostly);
         auto want = ResidentRun(path, kLayers, blas_path);
         Gpu g;
         DeviceConfig c = Config(kBudget);
+        c.memory = memory;
         c.eviction = ev;
         c.advice.read_mostly = read_mostly;
         auto b = DeviceBundle::Open(path, c);
@@ -160,6 +163,12 @@ TEST_CASE("a layer stack three times the GPU budget gives the resident result; r
           CHECK(run.stats.decodes > 2 * kLayers);  // decoded again after a discard
         }
         CHECK(run.stats.errors == 0);
+        if (memory == Memory::kMapped) {
+          CHECK(run.stats.device_pages > 0);  // the weights (4 MiB) went in as mapped pages
+          CHECK(run.stats.device_pages <= kBudget);
+        } else {
+          CHECK(run.stats.device_pages == 0);
+        }
       }
     }
   }
@@ -176,7 +185,11 @@ TEST_CASE("a corrupt frame is an error on the host naming the tensor, never data
     REQUIRE(w2);
     CorruptFrame(path, w2->first_frame + 3, std::byte{0x40});
   }
-  auto b = DeviceBundle::Open(path, Config(kBudget));
+  for (Memory memory : {Memory::kManaged, Memory::kMapped}) {
+  CAPTURE(static_cast<int>(memory));
+  DeviceConfig c = Config(kBudget);
+  c.memory = memory;
+  auto b = DeviceBundle::Open(path, c);
   REQUIRE(b.ok());
   REQUIRE((*b)->SetPlan("mlp", LayerPrefixes(4)).ok());
   Gpu g;
@@ -192,6 +205,7 @@ TEST_CASE("a corrupt frame is an error on the host naming the tensor, never data
   CHECK((*b)->Begin(3, g.stream).ok());  // the others are still served
   (*b)->End(3, g.stream);
   CHECK_FALSE((*b)->Begin(2, g.stream).ok());  // and the bad one stays bad
+  }
 }
 
 TEST_CASE("bad calls get errors that name the problem") {
@@ -264,7 +278,10 @@ TEST_CASE("the monitor offloads under GPU pressure, empties the GPU in an emerge
   size_t free_b, total_b;
   cudaMemGetInfo(&free_b, &total_b);
   double f0 = 1.0 - double(free_b) / double(total_b);
+  for (Memory memory : {Memory::kManaged, Memory::kMapped}) {
+  CAPTURE(static_cast<int>(memory));
   DeviceConfig c = Config(kBudget);
+  c.memory = memory;
   c.monitor.enabled = true;
   c.monitor.interval_ms = 10;
   c.monitor.gpu = {f0 + 0.02, f0 + 0.05, f0 + 0.01};
@@ -285,7 +302,8 @@ TEST_CASE("the monitor offloads under GPU pressure, empties the GPU in an emerge
   // 4% more: an emergency; nothing is in use, so the GPU is emptied.
   void* hog2 = nullptr;
   REQUIRE(cudaMalloc(&hog2, static_cast<size_t>(0.04 * total_b)) == cudaSuccess);
-  CHECK(wait_for([](const DeviceStats& s) { return s.emergencies >= 1 && s.device_resident == 0; }));
+  // Mapped memory gives its GPU pages back to the driver too.
+  CHECK(wait_for([](const DeviceStats& s) { return s.emergencies >= 1 && s.device_resident == 0 && s.device_pages == 0; }));
   cudaFree(hog1);
   cudaFree(hog2);
   CHECK(wait_for([](const DeviceStats& s) { return s.reloads >= 1 && s.effective_gpu_budget == s.gpu_budget; }));
@@ -294,6 +312,7 @@ TEST_CASE("the monitor offloads under GPU pressure, empties the GPU in an emerge
   auto want = ResidentRun(path, kLayers, false);
   auto again = StreamRun(**b, g, kLayers, false, 1);
   CHECK(memcmp(again.out.data(), want.data(), want.size() * 4) == 0);
+  }
 }
 
 TEST_CASE("the monitor drops host copies to the bundle under host pressure") {
@@ -303,12 +322,15 @@ TEST_CASE("the monitor drops host copies to the bundle under host pressure") {
   internal::HostMemory hm;
   REQUIRE(internal::ReadHostMemory(&hm));
   double h0 = hm.Pressure();
+  for (Memory memory : {Memory::kManaged, Memory::kMapped}) {
+  CAPTURE(static_cast<int>(memory));
   DeviceConfig c = Config(kBudget);
+  c.memory = memory;
   c.monitor.enabled = true;
   c.monitor.interval_ms = 10;
   c.monitor.gpu = {1.0, 1.0, 1.0};
   c.monitor.host = {h0 + 0.02, 1.0, h0 + 0.01};
-  c.advice.read_mostly = false;  // tensors on the GPU then have no host copy
+  c.advice.read_mostly = false;  // managed tensors on the GPU then have no host copy
   auto b = DeviceBundle::Open(path, c);
   REQUIRE(b.ok());
   Gpu g;
@@ -331,13 +353,17 @@ TEST_CASE("the monitor drops host copies to the bundle under host pressure") {
   auto want = ResidentRun(path, kLayers, false);
   auto again = StreamRun(**b, g, kLayers, false, 1);
   CHECK(memcmp(again.out.data(), want.data(), want.size() * 4) == 0);  // decoded again from the bundle
+  }
 }
 
 TEST_CASE("a written tensor is spilled through the allocator when it leaves the host, and comes back") {
   TempDir dir;
   std::string path = dir / "mlp.apbundle";
   REQUIRE(WriteLayerModel(path, kLayers, kD).ok());
+  for (Memory memory : {Memory::kManaged, Memory::kMapped}) {
+  CAPTURE(static_cast<int>(memory));
   DeviceConfig c = Config(kBudget);
+  c.memory = memory;
   c.host_budget = 12ull << 20;  // host copies beyond this go to disk
   auto b = DeviceBundle::Open(path, c);
   REQUIRE(b.ok());
@@ -357,6 +383,55 @@ TEST_CASE("a written tensor is spilled through the allocator when it leaves the 
   CHECK(run.stats.spilled_written >= 1);
   CHECK(run.stats.restored_written >= 1);
   CHECK(run.stats.peak_device_resident <= kBudget);
+  }
+}
+
+TEST_CASE("mapped memory: weights at stable addresses that are always valid device memory, small tensors managed") {
+  TempDir dir;
+  std::string path = dir / "mlp.apbundle";
+  REQUIRE(WriteLayerModel(path, kLayers, kD).ok());
+  DeviceConfig c = Config(kBudget);
+  c.memory = Memory::kMapped;
+  auto b = DeviceBundle::Open(path, c);
+  REQUIRE_MESSAGE(b.ok(), b.status().message());
+  auto w = (*b)->tensor("mlp", "layers.0.weight");
+  auto bias = (*b)->tensor("mlp", "layers.0.bias");
+  REQUIRE(w.ok());
+  REQUIRE(bias.ok());
+  // Before anything is staged, the weight's address is device memory (the
+  // placeholder is mapped under it), which pointer queries such as torch's
+  // accept; the bias (4 KiB) is managed memory.
+  for (int pass = 0; pass < 2; pass++) {
+    cudaPointerAttributes a{};
+    REQUIRE(cudaPointerGetAttributes(&a, w->data) == cudaSuccess);
+    CHECK(a.type == cudaMemoryTypeDevice);
+    REQUIRE(cudaPointerGetAttributes(&a, bias->data) == cudaSuccess);
+    CHECK(a.type == cudaMemoryTypeManaged);
+    Gpu g;
+    auto run = StreamRun(**b, g, kLayers, false, 1);  // afterwards: evicted weights, placeholder again
+    CHECK((*b)->tensor("mlp", "layers.0.weight")->data == w->data);  // the address never changes
+  }
+  Advice a;
+  Status s = (*b)->Advise(*w, a);
+  CHECK(s.code() == EINVAL);
+  CHECK(std::string(s.message()).find("layers.0.weight") != std::string::npos);
+  CHECK((*b)->Advise(*bias, a).ok());
+  c.direct_host = true;
+  CHECK(DeviceBundle::Open(path, c).status().code() == EINVAL);
+  // The C ABI: a struct from before `memory` existed still opens (managed).
+  faultline_device_config cc;
+  faultline_device_config_init(&cc);
+  cc.gpu_budget = kBudget;
+  cc.monitor = 0;
+  cc.memory = FAULTLINE_GPU_MAPPED;
+  faultline_device* d = nullptr;
+  REQUIRE(faultline_device_open(path.c_str(), &cc, &d) == 0);
+  faultline_device_close(d);
+  cc.memory = 7;
+  CHECK(faultline_device_open(path.c_str(), &cc, &d) == -EINVAL);
+  cc.struct_size = offsetof(faultline_device_config, memory);
+  REQUIRE(faultline_device_open(path.c_str(), &cc, &d) == 0);
+  faultline_device_close(d);
 }
 
 TEST_CASE("direct host pointers need pageable memory access (HMM)") {
