@@ -1381,17 +1381,13 @@ RangeUsage AllocEngine::Usage(const void* addr, size_t len) const noexcept {
   return u;
 }
 
-int AllocEngine::spill_fd() const noexcept {
-  std::lock_guard lk(mu_);
-  return files_.back().fd.get();
-}
-
-bool AllocEngine::SpillLocation(const void* addr, uint64_t* offset, uint32_t* length) noexcept {
+bool AllocEngine::SpillLocation(const void* addr, int* fd, uint64_t* offset, uint32_t* length) noexcept {
   std::lock_guard lk(mu_);
   Block* b = Find(reinterpret_cast<uintptr_t>(addr));
   if (!b) return false;
   Chunk* c = &b->chunks[(reinterpret_cast<uintptr_t>(addr) - b->base) / kChunk];
   if (!c->stored) return false;
+  *fd = files_[c->file].fd.get();
   *offset = c->offset;
   *length = c->stored;
   return true;

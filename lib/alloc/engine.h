@@ -105,10 +105,9 @@ class AllocEngine {
   RangeUsage Usage(const void* addr, size_t len) const noexcept;
   const AllocConfig& config() const noexcept { return config_; }
 
-  // For tests: the descriptor of the current spill file, and where chunk
-  // `addr` lies in it (false when it has no copy on disk).
-  int spill_fd() const noexcept;
-  bool SpillLocation(const void* addr, uint64_t* offset, uint32_t* length) noexcept;
+  // For tests: where chunk `addr` lies on disk, its spill file's
+  // descriptor included (false when it has no copy on disk).
+  bool SpillLocation(const void* addr, int* fd, uint64_t* offset, uint32_t* length) noexcept;
 
   struct Chunk;
   struct Block;
