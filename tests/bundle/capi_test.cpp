@@ -196,7 +196,21 @@ TEST_CASE("GPU tier options come from the environment; bad values keep the defau
   setenv("FAULTLINE_GPU_READ_MOSTLY", "0", 1);
   setenv("FAULTLINE_GPU_OFFLOAD", "0.5", 1);
   setenv("FAULTLINE_GPU_RELOAD", "0.25", 1);
+  setenv("FAULTLINE_GPU_MEMORY", "mapped", 1);
   auto c = faultline::cuda::DeviceConfig::FromEnvironment();
+  CHECK(c.memory == faultline::cuda::Memory::kMapped);
+  faultline_device_config cc;
+  faultline_device_config_init(&cc);
+  CHECK(cc.memory == FAULTLINE_GPU_MAPPED);
+  // Bad configs are refused before any device is looked at.
+  faultline_device* d = nullptr;
+  cc.memory = 7;
+  CHECK(faultline_device_open("any.apbundle", &cc, &d) == -EINVAL);
+  CHECK(std::string(faultline_last_error()).find("GPU memory") != std::string::npos);
+  cc.memory = FAULTLINE_GPU_MANAGED;
+  cc.struct_size = offsetof(faultline_device_config, memory) - 1;
+  CHECK(faultline_device_open("any.apbundle", &cc, &d) == -EINVAL);
+  CHECK(d == nullptr);
   CHECK(c.gpu_budget == (1ull << 30));
   CHECK(c.lookahead == 3);
   CHECK(c.eviction == faultline::cuda::Eviction::kDiscard);
@@ -207,11 +221,14 @@ TEST_CASE("GPU tier options come from the environment; bad values keep the defau
   setenv("FAULTLINE_GPU_BUDGET", "lots", 1);
   setenv("FAULTLINE_GPU_EVICT", "somewhere", 1);
   setenv("FAULTLINE_GPU_OFFLOAD", "1.5", 1);
+  setenv("FAULTLINE_GPU_MEMORY", "unified", 1);
   c = faultline::cuda::DeviceConfig::FromEnvironment();
+  CHECK(c.memory == faultline::cuda::Memory::kManaged);
   CHECK(c.gpu_budget == 0);
   CHECK(c.eviction == faultline::cuda::Eviction::kToHost);
   CHECK(c.monitor.gpu.offload == 0.85);
   for (const char* v : {"FAULTLINE_GPU_BUDGET", "FAULTLINE_GPU_LOOKAHEAD", "FAULTLINE_GPU_EVICT",
-                        "FAULTLINE_GPU_READ_MOSTLY", "FAULTLINE_GPU_OFFLOAD", "FAULTLINE_GPU_RELOAD"})
+                        "FAULTLINE_GPU_READ_MOSTLY", "FAULTLINE_GPU_OFFLOAD", "FAULTLINE_GPU_RELOAD",
+                        "FAULTLINE_GPU_MEMORY"})
     unsetenv(v);
 }
