@@ -406,7 +406,9 @@ class GpuBundle(_Manifest):
         try:
             self._g = native("mapped" if auto else memory or "")
         except OSError as e:
-            if not (auto and e.errno == errno.ENOTSUP and "virtual memory management" in str(e)):
+            # Only mapped memory's own refusals ("... which mapped memory
+            # needs"), not a missing device, fall back.
+            if not (auto and e.errno == errno.ENOTSUP and "mapped memory" in str(e)):
                 raise
             self._g = native("managed")
         self._load_manifest(self._g.manifest())

@@ -5,6 +5,7 @@ tier and a CUDA device and are skipped without them; the hook logic and the
 errors are checked everywhere (the hooks against a recording stand-in for
 the tier that serves the CPU paged tensors)."""
 import errno
+import os
 
 import pytest
 import torch
@@ -197,6 +198,42 @@ def test_without_the_gpu_tier_opening_one_says_why(branches):
     b = faultline.open(path)
     with pytest.raises(ValueError, match="gpu_budget"):
         b.state_dict(device="cuda", gpu_budget="1G")
+
+
+def test_the_default_falls_back_to_managed_memory_only_where_mapped_memory_is_refused(branches, monkeypatch):
+    # A stand-in for the native tier that refuses mapped memory as a device
+    # without virtual memory management does ("" = what the environment says).
+    _, path = branches
+    opened = []
+    manifest = faultline.open(path)._b.manifest()
+
+    class Native:
+        def __init__(self, *args):
+            kind = args[-1]
+            opened.append(kind)
+            if kind == "mapped" or (kind == "" and os.environ.get("FAULTLINE_GPU_MEMORY") == "mapped"):
+                raise OSError(errno.ENOTSUP, "device 0 has no virtual memory management, which mapped memory needs; "
+                                             "use managed memory")
+
+        def manifest(self):
+            return manifest
+
+        def device(self):
+            return 0
+
+    monkeypatch.setattr(faultline._native, "GpuBundle", Native)
+    monkeypatch.delenv("FAULTLINE_GPU_MEMORY", raising=False)
+    g = faultline.open_gpu(path)
+    assert opened == ["mapped", "managed"] and "first.weight" in g.tensors()
+    opened.clear()
+    with pytest.raises(OSError, match="virtual memory management"):
+        faultline.open_gpu(path, memory="mapped")  # asked for: no fallback
+    assert opened == ["mapped"]
+    opened.clear()
+    monkeypatch.setenv("FAULTLINE_GPU_MEMORY", "mapped")
+    with pytest.raises(OSError):
+        faultline.open_gpu(path)  # set in the environment: no fallback either
+    assert opened == [""]
 
 
 def test_bad_gpu_options_are_refused(branches):
