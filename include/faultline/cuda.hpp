@@ -107,6 +107,11 @@ struct DeviceConfig {
   static DeviceConfig FromEnvironment();
 };
 
+// "host"/"discard" and "managed"/"mapped", as the options and the Python
+// package spell them; false (and nothing set) for anything else.
+bool ParseEviction(std::string_view s, Eviction* out) noexcept;
+bool ParseMemory(std::string_view s, Memory* out) noexcept;
+
 struct DeviceTensor {
   void* data = nullptr;  // device-usable pointer (managed memory, or a mapped range)
   const TensorInfo* info = nullptr;

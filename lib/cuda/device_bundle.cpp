@@ -55,7 +55,7 @@ constexpr size_t kNoStep = SIZE_MAX;
 // bytes of a tensor (GPU memory it takes outside the budget).
 constexpr uint64_t kPlaceholderMax = 64ull << 20;
 
-uint64_t Rounded(uint64_t n) { return (n + kGranule - 1) / kGranule * kGranule; }
+uint64_t RoundUp(uint64_t n, uint64_t unit) { return (n + unit - 1) / unit * unit; }
 
 Status CudaStatus(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return Status::Ok();
@@ -217,7 +217,7 @@ struct DeviceBundle::Impl {
   Status MapPlaceholder(const Slot& s);
   void UnmapPlaceholder(const Slot& s);
   Status Remap(Slot& s, bool stage);
-  void TrimPages();
+  void ReleaseFree(uint64_t limit);
   // The host copy a tensor is decoded into and copied from.
   static void* HostCopy(const Slot& s) { return s.mapped ? s.host : s.ptr; }
   // The host copy stays valid while the tensor is on the device.
@@ -355,12 +355,8 @@ Status DeviceBundle::Impl::Remap(Slot& s, bool stage) {
       free_phys.erase(same);
     } else {
       // Free allocations of other sizes go first while they and this one
-      // would hold more than the tensors on the device.
-      while (!free_phys.empty() && phys_held + s.bytes > std::max(effective_budget, st.device_resident)) {
-        vmm.release(free_phys.back().second);
-        phys_held -= free_phys.back().first;
-        free_phys.pop_back();
-      }
+      // would hold more than the tensors on the device (which count it).
+      ReleaseFree(std::max(effective_budget, st.device_resident) - s.bytes);
       FL_RETURN_IF_ERROR(vmm.Check(vmm.create(&s.phys, s.bytes, &prop, 0), "cuMemCreate"));
       phys_held += s.bytes;
     }
@@ -379,14 +375,14 @@ Status DeviceBundle::Impl::Remap(Slot& s, bool stage) {
   }
   Status a = vmm.Check(vmm.set_access(base, s.bytes, &access, 1), "cuMemSetAccess");
   if (err.ok()) err = a;
-  TrimPages();
+  ReleaseFree(effective_budget);
   return err;
 }
 
-// Free GPU memory of mapped tensors goes back to the driver while more is
-// held than the (possibly lowered) budget.
-void DeviceBundle::Impl::TrimPages() {
-  while (!free_phys.empty() && phys_held > effective_budget) {
+// Free GPU memory of mapped tensors goes back to the driver while more than
+// `limit` is held (the budget, possibly lowered by the monitor).
+void DeviceBundle::Impl::ReleaseFree(uint64_t limit) {
+  while (!free_phys.empty() && phys_held > limit) {
     vmm.release(free_phys.back().second);
     phys_held -= free_phys.back().first;
     free_phys.pop_back();
@@ -465,9 +461,8 @@ Status DeviceBundle::Impl::Init(const std::string& path) {
     for (const ModelInfo& m : info.models)
       for (const TensorInfo& t : m.tensors)
         if (t.size >= page) {
-          uint64_t n = (t.size + page - 1) / page * page;
-          reservation_size += n;
-          largest = std::max(largest, n);
+          reservation_size += RoundUp(t.size, page);
+          largest = std::max(largest, RoundUp(t.size, page));
         }
     if (reservation_size) {
       uint64_t want = std::min(largest, std::max<uint64_t>(kPlaceholderMax / page, 1) * page);
@@ -484,13 +479,13 @@ Status DeviceBundle::Impl::Init(const std::string& path) {
     for (const TensorInfo& t : m.tensors) {
       Slot s;
       s.info = &t;
-      s.bytes = Rounded(std::max<uint64_t>(t.size, 1));
+      s.bytes = RoundUp(std::max<uint64_t>(t.size, 1), kGranule);
       if (paged) {
         s.view = *mv.tensor(t.name);
         s.ptr = const_cast<void*>(s.view.data());
       } else if (mapped && t.size >= page) {
         s.mapped = true;
-        s.bytes = (t.size + page - 1) / page * page;
+        s.bytes = RoundUp(t.size, page);
         s.ptr = reinterpret_cast<void*>(reservation + reserved);
         reserved += s.bytes;
         Status r = MapPlaceholder(s);
@@ -729,7 +724,6 @@ void DeviceBundle::Impl::StagerLoop() {
 
 // One unit of work under the lock; false when there is nothing to do now.
 bool DeviceBundle::Impl::Work(std::unique_lock<std::mutex>& lk) {
-  if (page) TrimPages();  // free pages over a lowered budget go back to the driver
   // The monitor lowered the budget: make room now.
   if (st.device_resident > effective_budget && EvictDevice(lk, st.device_resident - effective_budget, 0, true)) return true;
 #if CUDART_VERSION >= 13000
@@ -862,9 +856,9 @@ void DeviceBundle::Impl::Stage(std::unique_lock<std::mutex>& lk, size_t step) {
     if (s.mapped) {
       Status r = Remap(s, true);
       if (!r.ok()) {
-        // The tensors already queued stay on the device; this one and the
-        // rest stay on the host, and their reservation is given back.
-        if (!Remap(s, false).ok()) st.errors++;  // the placeholder could not go back either
+        // The tensors already queued stay on the device; this one (Remap
+        // put the placeholder back) and the rest stay on the host, and their
+        // reservation is given back.
         for (size_t j = k; j < ids.size(); j++) st.device_resident -= slots[ids[j]].bytes;
         st.errors++;
         step_error[step] = r;
@@ -919,6 +913,7 @@ void DeviceBundle::Impl::Tick() {
     st.reloads++;
   }
   st.effective_gpu_budget = effective_budget;
+  if (page) ReleaseFree(effective_budget);  // free mapped allocations over a lowered budget
   const Thresholds& h = config.monitor.host;
   if (hp >= h.emergency) host_drop_request = UINT64_MAX;
   else if (hp >= h.offload)

@@ -1,5 +1,4 @@
 // The GPU tier's parts that need no CUDA: options and the statistics text.
-#include <cstring>
 #include <sstream>
 
 #include "faultline/cuda.hpp"
@@ -10,17 +9,26 @@ namespace faultline::cuda {
 
 using internal::OptionId;
 
+bool ParseEviction(std::string_view s, Eviction* out) noexcept {
+  if (s != "host" && s != "discard") return false;
+  *out = s == "host" ? Eviction::kToHost : Eviction::kDiscard;
+  return true;
+}
+
+bool ParseMemory(std::string_view s, Memory* out) noexcept {
+  if (s != "managed" && s != "mapped") return false;
+  *out = s == "managed" ? Memory::kManaged : Memory::kMapped;
+  return true;
+}
+
 DeviceConfig DeviceConfig::FromEnvironment() {
   DeviceConfig c;
   c.paging = PagingConfig::FromEnvironment();
   internal::OptionSize(OptionId::kGpuBudget, &c.gpu_budget);
   internal::OptionSize(OptionId::kGpuHostBudget, &c.host_budget);
   internal::OptionUnsigned(OptionId::kGpuLookahead, 64, &c.lookahead);
-  if (const char* v = internal::OptionValue(OptionId::kGpuEvict)) {
-    if (!strcmp(v, "host")) c.eviction = Eviction::kToHost;
-    else if (!strcmp(v, "discard")) c.eviction = Eviction::kDiscard;
-    else internal::WarnBadOption(OptionId::kGpuEvict, v, "host or discard");
-  }
+  if (const char* v = internal::OptionValue(OptionId::kGpuEvict); v && !ParseEviction(v, &c.eviction))
+    internal::WarnBadOption(OptionId::kGpuEvict, v, "host or discard");
   internal::OptionFlag(OptionId::kGpuReadMostly, &c.advice.read_mostly);
   internal::OptionFlag(OptionId::kGpuMonitor, &c.monitor.enabled);
   double offload = -1, emergency = -1, reload = -1;
@@ -33,11 +41,8 @@ DeviceConfig DeviceConfig::FromEnvironment() {
     if (reload > 0) t->reload = reload;
   }
   internal::OptionFlag(OptionId::kGpuDirect, &c.direct_host);
-  if (const char* v = internal::OptionValue(OptionId::kGpuMemory)) {
-    if (!strcmp(v, "managed")) c.memory = Memory::kManaged;
-    else if (!strcmp(v, "mapped")) c.memory = Memory::kMapped;
-    else internal::WarnBadOption(OptionId::kGpuMemory, v, "managed or mapped");
-  }
+  if (const char* v = internal::OptionValue(OptionId::kGpuMemory); v && !ParseMemory(v, &c.memory))
+    internal::WarnBadOption(OptionId::kGpuMemory, v, "managed or mapped");
   return c;
 }
 

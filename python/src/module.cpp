@@ -215,14 +215,12 @@ class GpuBundle {
     if (!gpu_budget.is_none()) c.gpu_budget = SizeArg(gpu_budget, "gpu_budget");
     if (!host_budget.is_none()) c.host_budget = SizeArg(host_budget, "host_budget");
     if (lookahead >= 0) c.lookahead = static_cast<unsigned>(lookahead);
-    if (eviction == "host") c.eviction = cuda::Eviction::kToHost;
-    else if (eviction == "discard") c.eviction = cuda::Eviction::kDiscard;
-    else if (!eviction.empty()) throw py::value_error("eviction '" + eviction + "' is not host or discard");
+    if (!eviction.empty() && !cuda::ParseEviction(eviction, &c.eviction))
+      throw py::value_error("eviction '" + eviction + "' is not host or discard");
     if (read_mostly >= 0) c.advice.read_mostly = read_mostly != 0;
     if (monitor >= 0) c.monitor.enabled = monitor != 0;
-    if (memory == "managed") c.memory = cuda::Memory::kManaged;
-    else if (memory == "mapped") c.memory = cuda::Memory::kMapped;
-    else if (!memory.empty()) throw py::value_error("memory '" + memory + "' is not managed or mapped");
+    if (!memory.empty() && !cuda::ParseMemory(memory, &c.memory))
+      throw py::value_error("memory '" + memory + "' is not managed or mapped");
     b_ = WithoutGil([&] { return cuda::DeviceBundle::Open(path, c); });
   }
 
