@@ -706,7 +706,7 @@ Status AllocEngine::NewSpillFile() {
 uint64_t FreeList::Take(uint64_t len, uint64_t align, uint64_t limit) {
   for (auto it = free_.begin(); it != free_.end(); ++it) {
     uint64_t fs = it->first, fe = fs + it->second, start = RoundUp(fs, align);
-    if (start + len > fe) continue;
+    if (start < fs || start + len > fe || start + len < start) continue;  // (or the round-up overflowed)
     // The range's node is reused for what is left of it (no allocation in
     // the common case of one remainder).
     auto node = free_.extract(it);
@@ -863,7 +863,7 @@ bool AllocEngine::Register(void* p, size_t len) {
 void* AllocEngine::Allocate(size_t size, size_t alignment) noexcept {
   ScopedInternal internal_calls;
   if (size == 0) size = 1;
-  if (size > hi_ - lo_ || alignment == 0 || (alignment & (alignment - 1))) {
+  if (size > hi_ - lo_ || alignment > hi_ - lo_ || alignment == 0 || (alignment & (alignment - 1))) {
     errno = ENOMEM;
     return nullptr;
   }
@@ -1263,9 +1263,34 @@ size_t AllocEngine::UsableSize(const void* p) noexcept {
   return it == blocks_.end() ? 0 : it->second->mapped;
 }
 
+// Moves the pages of [from, +len) to `to`, whatever mappings the range
+// spans: mremap moves one mapping at a time (EFAULT for a range over more
+// than one; a hint on part of a block splits it). Halves until each piece
+// is one mapping; on a failure after a piece moved, moves it back.
+static bool MoveRange(uintptr_t from, size_t len, uintptr_t to) {
+  if (mremap(reinterpret_cast<void*>(from), len, len, MREMAP_MAYMOVE | MREMAP_FIXED, reinterpret_cast<void*>(to)) !=
+      MAP_FAILED)
+    return true;
+  if (errno != EFAULT || len <= 4096) return false;
+  size_t half = len / 2 / 4096 * 4096;
+  if (!MoveRange(from, half, to)) return false;
+  if (MoveRange(from + half, len - half, to + half)) return true;
+  int saved = errno;
+  if (!MoveRange(to, half, from)) {
+    fprintf(stderr, "faultline: realloc: cannot move a block back after a failed move\n");
+    abort();  // its pages would be in two places
+  }
+  errno = saved;
+  return false;
+}
+
 void* AllocEngine::Reallocate(void* p, size_t size) noexcept {
   ScopedInternal internal_calls;
   if (size == 0) size = 1;
+  if (size > hi_ - lo_) {  // also keeps the round-up below from overflowing
+    errno = ENOMEM;
+    return nullptr;
+  }
   size_t mapped = RoundUp(size, kChunk);
   std::unique_lock lk(mu_);
   Block* b = BlockAt(p, "realloc");
@@ -1293,23 +1318,25 @@ void* AllocEngine::Reallocate(void* p, size_t size) noexcept {
   }
   // Grow: a new range, the old pages moved there by the kernel (resident
   // ones keep their frames, spilled ones keep their disk copies), the tail
-  // fresh. mremap drops the userfaultfd registration, so it is made again
-  // and clean chunks are write-protected again.
+  // fresh. One mremap that also extends the mapping keeps the block one
+  // mapping, so the next grow is one call too; a block split by a hint
+  // moves piece by piece. mremap drops the userfaultfd registration, so it
+  // is made again and clean chunks are write-protected again.
   uint64_t nbase = arena_.Take(mapped, kChunk, hi_);
   if (nbase == FreeList::kNone) {
     errno = ENOMEM;
     return nullptr;
   }
   auto nb = NewBlock(nbase, size, mapped);
-  void* np = nb ? mremap(reinterpret_cast<void*>(b->base), b->mapped, b->mapped, MREMAP_MAYMOVE | MREMAP_FIXED,
-                         reinterpret_cast<void*>(nbase))
-                : MAP_FAILED;
-  if (np == MAP_FAILED) {
+  void* np = reinterpret_cast<void*>(nbase);
+  bool extended = nb && mremap(reinterpret_cast<void*>(b->base), b->mapped, mapped, MREMAP_MAYMOVE | MREMAP_FIXED,
+                               np) != MAP_FAILED;
+  if (!extended && (!nb || !MoveRange(b->base, b->mapped, nbase))) {
     ReleaseRange(nbase, mapped);
     errno = ENOMEM;
     return nullptr;
   }
-  if (!MapFresh(nbase + b->mapped, mapped - b->mapped) || !Register(np, mapped)) {
+  if ((!extended && !MapFresh(nbase + b->mapped, mapped - b->mapped)) || !Register(np, mapped)) {
     fprintf(stderr, "faultline: realloc: cannot map or register the moved block\n");
     abort();  // the old block's pages are already at the new address
   }

@@ -170,6 +170,8 @@ AllocStats HeapStats() noexcept {
 
 Result<std::unique_ptr<ManagedRegion>> ManagedRegion::Create(size_t size, const AllocConfig& config) {
   if (size == 0) return Status::Error(EINVAL, "a managed region needs a size");
+  if (size > (uint64_t{1} << 56))  // 64 PiB: more than any x86-64 address space (and no overflow below)
+    return Status::Error(ENOMEM, "a managed region of %zu bytes does not fit in the address space", size);
   AllocConfig c = config;
   // Its block, and address space to start it on a 2 MiB boundary (whole-unit loads).
   c.arena = (size + 2 * kManagedChunk - 1) / kManagedChunk * kManagedChunk + kManagedChunk + (2u << 20);

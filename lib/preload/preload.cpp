@@ -49,18 +49,59 @@ size_t PageSize() {
   return p;
 }
 
-void* AlignedAlloc(size_t alignment, size_t size) noexcept {
-  if (AllocEngine* h = HeapFor(size)) return h->Allocate(size, alignment);
-  return __libc_memalign(alignment, size);
+// The next definition of a libc function (glibc's), found once.
+template <typename Fn>
+Fn Next(const char* name) noexcept {
+  faultline::internal::ScopedInternal inside;  // dlsym may allocate
+  return reinterpret_cast<Fn>(dlsym(RTLD_NEXT, name));
 }
 
 size_t LibcUsableSize(void* p) noexcept {
-  using Fn = size_t (*)(void*);
-  static Fn fn = [] {
-    faultline::internal::ScopedInternal inside;  // dlsym may allocate
-    return reinterpret_cast<Fn>(dlsym(RTLD_NEXT, "malloc_usable_size"));
-  }();
+  static auto fn = Next<size_t (*)(void*)>("malloc_usable_size");
   return fn ? fn(p) : 0;
+}
+
+// glibc's memalign rules, so that a managed block is refused or aligned
+// exactly as glibc would: an alignment at most the malloc alignment is
+// plain malloc, one that is not a power of two is rounded up to the next,
+// and one above SIZE_MAX / 2 + 1 is EINVAL. False for EINVAL.
+bool GlibcAlignment(size_t* alignment) noexcept {
+  size_t a = *alignment;
+  if (a > SIZE_MAX / 2 + 1) return false;
+  if (a <= alignof(max_align_t)) a = alignof(max_align_t);
+  if (a & (a - 1)) a = size_t{1} << (64 - __builtin_clzll(a));
+  *alignment = a;
+  return true;
+}
+
+// memalign and friends: managed blocks for large sizes with glibc's
+// argument rules, glibc itself for the rest (its own rules apply there).
+void* AlignedAlloc(size_t alignment, size_t size) noexcept {
+  if (AllocEngine* h = HeapFor(size)) {
+    if (!GlibcAlignment(&alignment)) {
+      errno = EINVAL;
+      return nullptr;
+    }
+    return h->Allocate(size, alignment);
+  }
+  return __libc_memalign(alignment, size);
+}
+
+// aligned_alloc: glibc before 2.38 takes any alignment (it is memalign);
+// from 2.38 on it refuses zero and non-powers of two with EINVAL. Which
+// one is here is asked of glibc once, with an alignment only the latter
+// refuses.
+bool StrictAlignedAlloc() noexcept {
+  static const bool strict = [] {
+    auto real = Next<void* (*)(size_t, size_t)>("aligned_alloc");
+    if (!real) return false;
+    errno = 0;
+    void* p = real(24, 1);
+    bool refused = !p && errno == EINVAL;
+    __libc_free(p);
+    return refused;
+  }();
+  return strict;
 }
 
 }  // namespace
@@ -120,16 +161,20 @@ __attribute__((visibility("default"))) void* reallocarray(void* p, size_t n, siz
   return realloc(p, total);
 }
 
+// posix_memalign leaves errno as it was (POSIX: the error is returned).
 __attribute__((visibility("default"))) int posix_memalign(void** out, size_t alignment, size_t size) {
   if (alignment < sizeof(void*) || (alignment & (alignment - 1))) return EINVAL;
+  int saved = errno;
   void* p = AlignedAlloc(alignment, size);
-  if (!p) return ENOMEM;
+  int err = errno;
+  errno = saved;
+  if (!p) return err == EINVAL ? EINVAL : ENOMEM;
   *out = p;
   return 0;
 }
 
 __attribute__((visibility("default"))) void* aligned_alloc(size_t alignment, size_t size) {
-  if (alignment == 0 || (alignment & (alignment - 1))) {
+  if ((alignment == 0 || (alignment & (alignment - 1))) && StrictAlignedAlloc()) {
     errno = EINVAL;
     return nullptr;
   }
@@ -137,10 +182,6 @@ __attribute__((visibility("default"))) void* aligned_alloc(size_t alignment, siz
 }
 
 __attribute__((visibility("default"))) void* memalign(size_t alignment, size_t size) {
-  if (alignment == 0 || (alignment & (alignment - 1))) {
-    errno = EINVAL;
-    return nullptr;
-  }
   return AlignedAlloc(alignment, size);
 }
 

@@ -267,6 +267,41 @@ TEST_CASE("the heap API: alloc, realloc without copying through the budget, free
   CHECK(std::string(faultline_last_error()).size() > 0);
 }
 
+TEST_CASE("a managed block grows any number of times and keeps its data, and an absurd size leaves it untouched") {
+  REQUIRE(HeapManaged());
+  size_t n = 2 << 20;
+  auto* p = static_cast<uint8_t*>(faultline_alloc(n));
+  REQUIRE(p);
+  for (size_t i = 0; i < n; i++) p[i] = static_cast<uint8_t>(i * 7 + 3);
+  size_t filled = n;
+  // Growth chains as Python lists and sqlite grow them; a hint on part of
+  // the block in between makes it two mappings (the kernel splits them).
+  for (int round = 0; round < 12; round++) {
+    if (round == 3) CHECK(faultline_advise(p + (1 << 20), 1 << 20, MADV_RANDOM) == 0);
+    size_t m = n + n / 2 + 4096 * round;
+    auto* q = static_cast<uint8_t*>(faultline_realloc(p, m));
+    REQUIRE_MESSAGE(q, "grow " << round << " to " << m << " failed: " << std::string(strerror(errno)));
+    p = q;
+    for (size_t i = 0; i < filled; i += 977) REQUIRE(p[i] == static_cast<uint8_t>(i * 7 + 3));
+    for (size_t i = filled; i < m; i++) p[i] = static_cast<uint8_t>(i * 7 + 3);
+    filled = n = m;
+  }
+  size_t bad = 0;
+  for (size_t i = 0; i < n; i++) bad += p[i] != static_cast<uint8_t>(i * 7 + 3);
+  CHECK(bad == 0);
+  // Sizes whose round-up to whole chunks overflows, or past the address
+  // space: NULL with ENOMEM, the block as it was (glibc's contract).
+  for (size_t absurd : {SIZE_MAX, SIZE_MAX - 4095, SIZE_MAX / 2, size_t(1) << 62}) {
+    errno = 0;
+    CHECK(faultline_realloc(p, absurd) == nullptr);
+    CHECK(errno == ENOMEM);
+    CHECK(faultline_alloc(absurd) == nullptr);
+  }
+  for (size_t i = 0; i < n; i += 4096) REQUIRE(p[i] == static_cast<uint8_t>(i * 7 + 3));
+  CHECK(p[n - 1] == static_cast<uint8_t>((n - 1) * 7 + 3));
+  faultline_free(p);
+}
+
 TEST_CASE("memory whose spill could not fit in the spill directory is refused with ENOMEM") {
   TempDir dir;
   struct statvfs sv;
@@ -683,6 +718,11 @@ TEST_CASE("whole-unit loads can be turned off") {
 
 TEST_CASE("bad arguments get errors") {
   CHECK(ManagedRegion::Create(0, Config(1 << 20)).status().code() == EINVAL);
+  for (size_t absurd : {SIZE_MAX, SIZE_MAX - 65535, SIZE_MAX / 2}) {
+    auto big = ManagedRegion::Create(absurd, Config(1 << 20));
+    CHECK(big.status().code() == ENOMEM);
+    CHECK(std::string(big.status().message()).find("address space") != std::string::npos);
+  }
   AllocConfig c = Config(1 << 20);
   c.spill_dir = "/nonexistent/dir";
   auto r = ManagedRegion::Create(1 << 20, c);

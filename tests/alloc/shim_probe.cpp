@@ -7,6 +7,10 @@
 //                      copy) and a fork + exec; every byte checked
 //   denied             seccomp denies userfaultfd first: everything must
 //                      still work (from the system allocator)
+//   replay             a recorded sequence of allocation calls (growth
+//                      chains, every alignment rule, absurd sizes), one
+//                      line of results each; the same run with and without
+//                      the shim must print the same lines
 // Exit 0 when everything held; otherwise it names the first failure.
 #include <errno.h>
 #include <malloc.h>
@@ -231,6 +235,167 @@ int Work(size_t mib, int threads) {
   return 0;
 }
 
+
+
+// ---- replay: results that do not depend on addresses ----
+
+uint64_t Hash(const void* p, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  auto* b = static_cast<const unsigned char*>(p);
+  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
+void Fill(void* p, size_t from, size_t to, unsigned seed) {
+  auto* b = static_cast<unsigned char*>(p);
+  for (size_t i = from; i < to; i++) b[i] = static_cast<unsigned char>((i * 131 + seed) >> 3);
+}
+
+// What a pointer result says: null and errno, or whether it is aligned to
+// `align`, has n usable bytes, and holds zeros where asked.
+void Say(const char* what, size_t a, size_t n, void* p, int err, size_t align = 16, bool zero = false) {
+  if (!p) {
+    printf("%s(%zu, %zu) = NULL errno %d\n", what, a, n, err);
+    return;
+  }
+  printf("%s(%zu, %zu) = block aligned %d usable %d%s\n", what, a, n, Aligned(p, align),
+         malloc_usable_size(p) >= n, zero ? (n == 0 || AllZero(p, n) ? " zeros" : " NOT ZERO") : "");
+}
+
+size_t NextPow2(size_t a) {
+  size_t p = 1;
+  while (p < a && p) p <<= 1;
+  return p ? p : a;
+}
+
+// Sizes and calls the compiler cannot see through: it would warn about
+// the absurd sizes and about using a block after a realloc that failed.
+size_t Opaque(size_t v) {
+  asm volatile("" : "+r"(v));
+  return v;
+}
+void* (*volatile g_realloc)(void*, size_t) = realloc;
+void* (*volatile g_reallocarray)(void*, size_t, size_t) = reallocarray;
+void* (*volatile g_calloc)(size_t, size_t) = calloc;
+
+void Replay() {
+  const size_t kAbsurd[] = {SIZE_MAX, SIZE_MAX - 4095, SIZE_MAX / 2 + 1, size_t(PTRDIFF_MAX), size_t(1) << 62};
+  const size_t kSizes[] = {0, 1, 100, 65535, 65536, 1 << 20, (3 << 20) + 17};
+  for (size_t n : kSizes) {
+    errno = 0;
+    void* p = malloc(n);
+    Say("malloc", 0, n, p, errno);
+    if (p) Fill(p, 0, n, 1);
+    free(p);
+    void* c = calloc(n, 3);
+    Say("calloc", n, 3, c, errno, 16, true);
+    free(c);
+  }
+  for (size_t n : kAbsurd) {
+    errno = 0;
+    Say("malloc", 0, n, malloc(n), errno);
+    errno = 0;
+    Say("calloc", n, 1, calloc(n, 1), errno);
+    errno = 0;
+    Say("calloc", n, 3, calloc(n, 3), errno);
+  }
+  errno = 0;
+  Say("calloc", size_t(1) << 33, size_t(1) << 33, g_calloc(Opaque(size_t(1) << 33), size_t(1) << 33), errno);
+  // Growth chains (small to managed and back), each step checked to keep
+  // the bytes it had, then absurd sizes that must leave the block as it is.
+  for (unsigned chain = 0; chain < 2; chain++) {
+    size_t steps[] = {100, 200000, 1 << 20, 2 << 20, 5 << 20, (5 << 20) + 1, 9 << 20, 33 << 20, 70000, 10,
+                      4 << 20, 4 << 20, 40 << 20};
+    size_t have = chain ? 3 << 20 : 50;
+    unsigned char* p = static_cast<unsigned char*>(malloc(have));
+    Fill(p, 0, have, chain);
+    for (size_t n : steps) {
+      size_t keep = n < have ? n : have;
+      uint64_t before = Hash(p, keep);
+      errno = 0;
+      auto* q = static_cast<unsigned char*>(g_realloc(p, n));
+      if (!q) {
+        printf("realloc(%zu -> %zu) = NULL errno %d\n", have, n, errno);
+        continue;
+      }
+      p = q;
+      printf("realloc(%zu -> %zu) = kept %d usable %d\n", have, n, Hash(p, keep) == before,
+             malloc_usable_size(p) >= n);
+      Fill(p, keep, n, chain);
+      have = n;
+      for (size_t a : kAbsurd) {
+        uint64_t all = Hash(p, have);
+        errno = 0;
+        void* r = g_realloc(p, a);
+        printf("realloc(%zu -> %zu) = %s errno %d, block kept %d\n", have, a, r ? "BLOCK" : "NULL", errno,
+               Hash(p, have) == all);
+        errno = 0;
+        r = g_reallocarray(p, a, 2);
+        printf("reallocarray(%zu -> %zu x 2) = %s errno %d, block kept %d\n", have, a, r ? "BLOCK" : "NULL",
+               errno, Hash(p, have) == all);
+      }
+    }
+    printf("realloc(%zu -> 0) = %s\n", have, g_realloc(p, 0) ? "BLOCK" : "NULL");
+  }
+  void* fresh = realloc(nullptr, 2 << 20);
+  Say("realloc-null", 0, 2 << 20, fresh, errno);
+  free(fresh);
+  // Every alignment rule: below the malloc alignment, not a power of two,
+  // not a multiple of sizeof(void*), huge; small and managed sizes.
+  const size_t kAligns[] = {0,    1,       3,       8,       16,           24,           48,
+                            64,   4096,    65536,   1 << 21, SIZE_MAX / 2, SIZE_MAX / 2 + 1, SIZE_MAX / 2 + 2,
+                            SIZE_MAX};
+  for (size_t n : {size_t(100), size_t(3 << 20)}) {
+    for (size_t a : kAligns) {
+      size_t want = a > (SIZE_MAX / 2 + 1) ? 1 : NextPow2(a < 16 ? 16 : a);
+      errno = 0;
+      void* p = memalign(a, n);
+      Say("memalign", a, n, p, errno, want);
+      free(p);
+      errno = 0;
+      p = aligned_alloc(a, n);
+      Say("aligned_alloc", a, n, p, errno, want);
+      free(p);
+      void* out = reinterpret_cast<void*>(1);
+      int rc = posix_memalign(&out, a, n);
+      printf("posix_memalign(%zu, %zu) = %d%s\n", a, n, rc,
+             rc ? (out == reinterpret_cast<void*>(1) ? ", out untouched" : ", OUT CHANGED")
+                : (Aligned(out, a) ? ", aligned" : ", NOT ALIGNED"));
+      if (!rc) free(out);
+    }
+    for (size_t a : kAbsurd) {
+      errno = 0;
+      void* p = memalign(4096, a);
+      Say("memalign", 4096, a, p, errno, 4096);
+      free(p);
+    }
+  }
+  for (size_t n : {size_t(0), size_t(1), size_t(3 << 20), SIZE_MAX, SIZE_MAX - 4095}) {
+    errno = 0;
+    void* p = valloc(n);
+    Say("valloc", 0, n, p, errno, 4096);
+    free(p);
+    errno = 0;
+    p = pvalloc(n);
+    Say("pvalloc", 0, n, p, errno, 4096);
+    free(p);
+  }
+  for (size_t n : {size_t(3 << 20), SIZE_MAX / 2}) {
+    try {
+      char* p = new char[n];
+      printf("new[%zu] = block\n", n);
+      delete[] p;
+    } catch (const std::bad_alloc&) {
+      printf("new[%zu] = bad_alloc\n", n);
+    }
+    printf("new(nothrow)[%zu] = %s\n", n, [&] {
+      char* p = new (std::nothrow) char[n];
+      delete[] p;
+      return p ? "block" : "NULL";
+    }());
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -240,6 +405,11 @@ int main(int argc, char** argv) {
     return g_failures ? 1 : 0;
   }
   if (!strcmp(argv[1], "work") && argc >= 4) return Work(strtoull(argv[2], nullptr, 10), atoi(argv[3]));
+  if (!strcmp(argv[1], "replay")) {
+    setvbuf(stdout, nullptr, _IOLBF, 0);
+    Replay();
+    return 0;
+  }
   if (!strcmp(argv[1], "denied")) {
     if (!faultline::test::DenyUserfaultfd()) return 77;
     Contract();

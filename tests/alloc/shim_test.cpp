@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include <cstdlib>
+#include <sstream>
 #include <string>
 
 #include "helpers.h"
@@ -44,6 +45,24 @@ TEST_CASE("eight times the budget from several threads, with fork and fork + exe
   CHECK(r.status == 0);
   CHECK(r.out.find("spilled 0 ") == std::string::npos);
   CHECK(spill.List().empty());  // the spill file is unlinked
+}
+
+TEST_CASE("the same allocation calls give the same results, errors and bytes with and without the shim") {
+  auto plain = Run(Env("FAULTLINE_SHIM_PROBE") + " replay");
+  REQUIRE(plain.status == 0);
+  auto shim = Probe("replay", "FAULTLINE_SHOW_STATS=0 FAULTLINE_BUDGET=8M FAULTLINE_THRESHOLD=64K");
+  CHECK(shim.status == 0);
+  // Line by line, so that a difference names the call.
+  std::istringstream a(plain.out), b(shim.out);
+  std::string la, lb;
+  int line = 0, differ = 0;
+  while (std::getline(a, la)) {
+    line++;
+    if (!std::getline(b, lb)) lb = "(nothing)";
+    if (la != lb && differ++ < 20) FAIL_CHECK("line " << line << ": without the shim '" << la << "', with it '" << lb << "'");
+  }
+  CHECK(line > 200);
+  CHECK(differ == 0);
 }
 
 TEST_CASE("raw spill codec and a small threshold work the same") {
