@@ -3,7 +3,9 @@
 // and waiting on the frame's futex (both async-signal-safe: write(2) and
 // futex(2)); any other fault goes to the previous handler. The registry is a
 // fixed array of atomic pointers: the handler never locks or allocates.
+#include <pthread.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <sys/ucontext.h>
 #include <unistd.h>
 
@@ -51,6 +53,33 @@ void Chain(int sig, siginfo_t* info, void* uctx) {
   signal(sig, SIG_DFL);
 }
 
+// A frame that cannot be read: SIGBUS at the address, as the kernel gives
+// for a bad page of a mapped file (si_code BUS_ADRERR, si_addr set). Like
+// the kernel's for a fault, it cannot be blocked or ignored: a thread that
+// blocks it (or a process that ignores it) is killed by it, where a
+// pending signal would have the access fault again forever.
+void RaiseSigbus(void* addr, void* uctx) {
+  auto* uc = static_cast<ucontext_t*>(uctx);
+  struct sigaction now;
+  sigaction(SIGBUS, nullptr, &now);
+  if (sigismember(&uc->uc_sigmask, SIGBUS) || (!(now.sa_flags & SA_SIGINFO) && now.sa_handler == SIG_IGN)) {
+    struct sigaction dfl = {};
+    dfl.sa_handler = SIG_DFL;
+    sigaction(SIGBUS, &dfl, nullptr);
+    sigdelset(&uc->uc_sigmask, SIGBUS);
+    sigset_t bus;
+    sigemptyset(&bus);
+    sigaddset(&bus, SIGBUS);
+    pthread_sigmask(SIG_UNBLOCK, &bus, nullptr);
+  }
+  siginfo_t si = {};
+  si.si_signo = SIGBUS;
+  si.si_code = BUS_ADRERR;
+  si.si_addr = addr;
+  pid_t pid = getpid(), tid = static_cast<pid_t>(syscall(SYS_gettid));
+  if (syscall(SYS_rt_tgsigqueueinfo, pid, tid, SIGBUS, &si) != 0) syscall(SYS_tgkill, pid, tid, SIGBUS);
+}
+
 void Handler(int sig, siginfo_t* info, void* uctx) {
   int saved = errno;
   // Tensors are read-only: a write is a bug in the caller, not a page to load.
@@ -61,9 +90,10 @@ void Handler(int sig, siginfo_t* info, void* uctx) {
       g_inflight[i].fetch_add(1);  // before the engine is read (seq_cst, against GuardUnregister's store)
       Engine* e = g_engines[i].load();
       if (e && g_pids[i].load(std::memory_order_relaxed) == self && e->Owns(info->si_addr)) {
-        bool served = e->GuardFault(info->si_addr);
-        g_inflight[i].fetch_sub(1);
-        if (!served) break;
+        Engine::GuardResult r = e->GuardFault(info->si_addr);
+        g_inflight[i].fetch_sub(1);  // before SIGBUS: its handler may siglongjmp and never come back
+        if (r == Engine::GuardResult::kNotOurs) break;
+        if (r == Engine::GuardResult::kSigbus) RaiseSigbus(info->si_addr, uctx);
         errno = saved;
         return;
       }

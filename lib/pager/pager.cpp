@@ -1175,18 +1175,15 @@ PagingStats Engine::Stats() const {
 
 // ---- guard mode: the signal handler's half ----
 
-bool Engine::GuardFault(const void* addr) noexcept {
+Engine::GuardResult Engine::GuardFault(const void* addr) noexcept {
   int64_t f = FrameAt(addr);
-  if (f < 0) return false;  // padding between tensors: an out-of-bounds access
+  if (f < 0) return GuardResult::kNotOurs;  // padding between tensors: an out-of-bounds access
   std::atomic<uint32_t>& state = frames_[f].state;
   uintptr_t req = reinterpret_cast<uintptr_t>(addr);
   for (;;) {
     uint32_t st = state.load(std::memory_order_acquire);
-    if (st == kResident || st == kClosed) return true;  // retry the access
-    if (st == kError) {
-      syscall(SYS_tgkill, getpid(), static_cast<pid_t>(syscall(SYS_gettid)), SIGBUS);
-      return true;
-    }
+    if (st == kResident || st == kClosed) return GuardResult::kRetry;
+    if (st == kError) return GuardResult::kSigbus;
     if (st == kAbsent) (void)!write(req_write_.get(), &req, sizeof(req));
     FutexWait(&state, st, 50 * 1000 * 1000);
   }

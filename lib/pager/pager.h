@@ -144,9 +144,13 @@ class Engine {
     auto a = reinterpret_cast<uintptr_t>(addr), b = reinterpret_cast<uintptr_t>(view_);
     return a >= b && a < b + reserve_len_;
   }
-  // Serves a guard-mode fault; false when `addr` is in no tensor (the
-  // handler then treats it as any other SIGSEGV). fault path, in a signal handler
-  bool GuardFault(const void* addr) noexcept;
+  // Serves a guard-mode fault: kRetry once the page can be touched again,
+  // kSigbus when its frame cannot be read (the handler raises SIGBUS after
+  // it stops counting itself in: the program's SIGBUS handler may never
+  // return), kNotOurs when `addr` is in no tensor (any other SIGSEGV).
+  // fault path, in a signal handler
+  enum class GuardResult { kRetry, kSigbus, kNotOurs };
+  GuardResult GuardFault(const void* addr) noexcept;
 
  private:
   struct Load {
