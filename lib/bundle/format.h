@@ -55,6 +55,17 @@ FrameRecord DecodeFrameRecord(const std::byte in[kFrameRecordSize]) noexcept;
 
 inline uint64_t AlignUp(uint64_t v, uint64_t a) noexcept { return (v + a - 1) / a * a; }
 
+// The page a tensor of `bytes` takes with frames of `page_size`: no larger
+// than the tensor needs (a one-byte tensor in a bundle of 64 MiB frames
+// would cost 64 MiB to write, read and install), and never below 64 KiB,
+// so that a bundle at the default page size keeps one page size.
+inline uint32_t PageFor(uint32_t page_size, uint64_t bytes) noexcept {
+  constexpr uint64_t kFloor = 64 * 1024;
+  uint64_t need = kFloor;
+  while (need < bytes && need < page_size) need <<= 1;
+  return need < page_size ? static_cast<uint32_t>(need) : page_size;
+}
+
 inline void StoreLE64(std::byte* p, uint64_t v) noexcept {
   for (int i = 0; i < 8; i++) p[i] = static_cast<std::byte>(v >> (8 * i));
 }

@@ -96,7 +96,7 @@ struct ModelBuilder::Impl {
     p.info.codec = o.codec;
     p.info.level = o.codec == Codec::kZstd ? o.level : 0;
     p.info.shuffle = o.codec == Codec::kZstd && o.shuffle && DTypeSize(dtype) > 1;
-    p.info.page_size = o.page_size;
+    p.info.page_size = PageFor(o.page_size, bytes);
     p.min_ratio = o.min_ratio;
     p.is_blob = is_blob;
     return &p;

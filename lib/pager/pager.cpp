@@ -25,7 +25,9 @@ namespace faultline::internal {
 
 namespace {
 
-constexpr unsigned kBatch = 8;          // frames one worker loads at once
+constexpr unsigned kBatch = 8;          // frames one worker loads at once, at most
+constexpr uint64_t kBatchBytes = 4 << 20;  // and bytes (one frame at least)
+constexpr uint64_t kPoolBytes = 16 << 20;  // the staging pool's pages, at most
 constexpr uint64_t kFileFolioAlign = 2ull << 20;  // mmap mode: the largest page-cache folio mapped whole
 
 uint64_t NowNs() {
@@ -51,7 +53,7 @@ struct Engine::Worker {
   }
   std::thread thread;
   std::vector<std::byte> stored;   // the batch's stored frames, back to back
-  std::vector<std::byte> staging;  // kBatch decoded frames (COPY path)
+  std::vector<std::byte> staging;  // a batch of decoded frames (COPY path)
   std::vector<std::byte> shuffle;  // one frame
   std::vector<ReadOp> ops;
   std::vector<Load> loads;
@@ -93,12 +95,14 @@ Status Engine::Start() {
       TensorSlot& s = tensors_[i++];
       s.info = &t;
       s.model = &m;
-      s.page = t.page_size;
-      if (huge_ > t.page_size && t.frame_count >= huge_ / t.page_size) {
-        s.unit_frames = static_cast<uint32_t>(huge_ / t.page_size);
+      // One frame of a large page size takes what its tensor needs (bundles
+      // written before the writer did the same).
+      s.page = t.frame_count == 1 ? PageFor(t.page_size, t.size) : t.page_size;
+      if (huge_ > s.page && t.frame_count >= huge_ / s.page) {
+        s.unit_frames = static_cast<uint32_t>(huge_ / s.page);
         s.units = t.frame_count / s.unit_frames;
       }
-      uint64_t align = s.units ? huge_ : t.page_size;
+      uint64_t align = s.units ? huge_ : s.page;
       view_align = std::max(view_align, align);
       s.offset = AlignUp(cur, align);
       if (config_.mode == PagingMode::kMmap && t.size >= kFileFolioAlign && t.codec == Codec::kRaw) {
@@ -114,9 +118,12 @@ Status Engine::Start() {
       s.frames = t.frame_count;
       s.first_frame = frame_count_;
       frame_count_ += t.frame_count;
-      cur = s.offset + t.frame_count * t.page_size;
-      if (max_page_ != 0 && max_page_ != t.page_size && t.frame_count) uniform_pages_ = false;
-      if (t.frame_count) max_page_ = std::max(max_page_, t.page_size);
+      cur = s.offset + t.frame_count * s.page;
+      if (max_page_ != 0 && max_page_ != s.page && t.frame_count) uniform_pages_ = false;
+      if (t.frame_count) {
+        if (s.page > max_page_) largest_ = &t;
+        max_page_ = std::max(max_page_, s.page);
+      }
     }
   if (max_page_ == 0) max_page_ = kMinPageSize;
   view_align = std::max<uint64_t>(view_align, max_page_);
@@ -129,8 +136,28 @@ Status Engine::Start() {
       frames_[tensors_[t].first_frame + k].index = static_cast<uint32_t>(k);
     }
 
+  // Memory outside the budget is bounded in bytes (README: budget): a
+  // worker's batch holds at most kBatchBytes of frames (one frame at least),
+  // and its buffers (stored and decoded batch, one shuffle frame) hold
+  // about three frames where frames are large; workers are fewer where
+  // their buffers would pass half the budget. Frames so large that the
+  // budget does not hold four are refused: paging them would be reading
+  // the whole bundle into memory outside the budget.
+  batch_ = static_cast<unsigned>(std::clamp<uint64_t>(kBatchBytes / max_page_, 1, kBatch));
+  if (config_.mode != PagingMode::kMmap && max_page_ > kBatchBytes / kBatch &&
+      config_.max_resident < 4ull * max_page_)
+    return Status::Error(EINVAL,
+                         "tensor '%.64s' has frames of %llu MiB; a budget of %llu MiB must hold at least four: "
+                         "raise the budget or repack with a smaller --page-size",
+                         largest_ ? largest_->name.c_str() : "?", static_cast<unsigned long long>(max_page_ >> 20),
+                         static_cast<unsigned long long>(config_.max_resident >> 20));
   unsigned workers = config_.workers ? config_.workers : ThreadPool::DefaultThreads();
   workers = std::min(workers, 64u);
+  const uint64_t worker_bytes = batch_ * (MaxStoredLength(Codec::kZstd, max_page_) + max_page_) + max_page_;
+  if (max_page_ > kBatchBytes / kBatch)
+    workers = static_cast<unsigned>(
+        std::clamp<uint64_t>(config_.max_resident / 2 / worker_bytes, 1, workers));
+  worker_count_ = workers;
   // At least two frames per worker, so that loads in flight and a thread's
   // access that straddles two frames always fit.
   budget_ = std::max<uint64_t>(config_.max_resident, 2ull * max_page_ * workers);
@@ -192,11 +219,11 @@ Status Engine::Start() {
   for (unsigned k = 0; k < workers; k++) {
     auto w = std::make_unique<Worker>();
     size_t bound = MaxStoredLength(Codec::kZstd, max_page_);
-    w->stored.resize(kBatch * bound + unit_stored);
-    if (mode_ == PagingMode::kUffd) w->staging.resize(kBatch * static_cast<size_t>(max_page_));
+    w->stored.resize(batch_ * bound + unit_stored);
+    if (mode_ == PagingMode::kUffd) w->staging.resize(batch_ * static_cast<size_t>(max_page_));
     w->shuffle.resize(max_page_);
-    w->loads.reserve(kBatch + unit_frames);
-    w->ops.reserve(kBatch + unit_frames);
+    w->loads.reserve(batch_ + unit_frames);
+    w->ops.reserve(batch_ + unit_frames);
     if (units && !MapUnitSlot(w.get())) units = false;
     workers_.push_back(std::move(w));
   }
@@ -232,11 +259,10 @@ Status Engine::SetUpUffd() {
   FL_RETURN_IF_ERROR(uffd_->RegisterMissing(view_, reserve_len_));
   // UFFDIO_MOVE cycles physical pages between a small staging pool and the
   // regions; the pool must be registered with the same userfaultfd to take
-  // evicted pages back. Only for bundles with one page size.
-  if (uffd_->features().move && uniform_pages_) {
-    unsigned workers = config_.workers ? config_.workers : ThreadPool::DefaultThreads();
-    (void)pool_.Set(*uffd_, 2ull * kBatch * std::min(workers, 64u) + 8, max_page_, false);
-  }
+  // evicted pages back. Only for bundles with one page size; at most
+  // kPoolBytes (none where that is not two frames).
+  uint64_t slots = std::min<uint64_t>(2ull * batch_ * worker_count_ + 8, kPoolBytes / max_page_);
+  if (uffd_->features().move && uniform_pages_ && slots >= 2) (void)pool_.Set(*uffd_, slots, max_page_, false);
   return Status::Ok();
 }
 
@@ -343,12 +369,12 @@ void Engine::WorkerLoop(Worker* w) {
     w->singles = 0;
     w->unit_claimed = 0;
     if (mode_ == PagingMode::kUffd) {
-      ssize_t n = read(fds[0].fd, msgs, sizeof(msgs));
+      ssize_t n = read(fds[0].fd, msgs, batch_ * sizeof(msgs[0]));
       for (ssize_t k = 0; n > 0 && k < n / static_cast<ssize_t>(sizeof(uffd_msg)); k++)
         if (msgs[k].event == UFFD_EVENT_PAGEFAULT)
           HandleFaultAddress(w, msgs[k].arg.pagefault.address, msgs[k].arg.pagefault.feat.ptid, w->loads);
     } else {
-      ssize_t n = read(fds[0].fd, reqs, sizeof(reqs));
+      ssize_t n = read(fds[0].fd, reqs, batch_ * sizeof(reqs[0]));
       for (ssize_t k = 0; n > 0 && k < n / static_cast<ssize_t>(sizeof(uintptr_t)); k++)
         HandleFaultAddress(w, reqs[k], 0, w->loads);
     }
@@ -356,10 +382,10 @@ void Engine::WorkerLoop(Worker* w) {
       uint64_t v;
       (void)!read(wake_fd_.get(), &v, sizeof(v));
     }
-    if (w->loads.size() < kBatch) {
+    if (w->loads.size() < batch_) {
       std::unique_lock<std::mutex> lock(mu_);
       // Loads that must happen (Pin): demand semantics, budget permitting or not.
-      while (w->loads.size() < kBatch && !forced_q_.empty()) {
+      while (w->loads.size() < batch_ && !forced_q_.empty()) {
         uint64_t f = forced_q_.Pop();
         if (frames_[f].state.load(std::memory_order_acquire) != kAbsent) continue;
         if (ClaimUnitLocked(w, f, false, false, w->loads)) continue;
@@ -372,7 +398,7 @@ void Engine::WorkerLoop(Worker* w) {
           inflight_bytes_ -= FramePage(f);
         }
       }
-      while (w->loads.size() < kBatch && !prefetch_q_.empty()) {
+      while (w->loads.size() < batch_ && !prefetch_q_.empty()) {
         uint64_t q = prefetch_q_.Pop();
         uint64_t f = q >> 1;
         // Reserve before claiming: a claimed frame is never given back, or a

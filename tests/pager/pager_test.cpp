@@ -293,8 +293,10 @@ int TouchRecoverAndClose(const std::string& path, uint64_t at, std::function<voi
   struct sigaction sa = {};
   sa.sa_handler = RecoverFromSigbus;
   sigaction(SIGBUS, &sa, nullptr);
-  int recovered = 0;
-  for (int i = 0; i < 2; i++) {
+  static int recovered;  // static: kept across siglongjmp
+  static int i;
+  recovered = 0;
+  for (i = 0; i < 2; i++) {
     if (sigsetjmp(g_recover, 1) == 0) {
       volatile const std::byte* p = static_cast<const std::byte*>(w->data());
       (void)p[at];
@@ -347,6 +349,85 @@ TEST_CASE("a thread that blocks SIGBUS and touches a bad frame is killed by SIGB
   });
   CHECK(WIFSIGNALED(status));
   CHECK(WTERMSIG(status) == SIGBUS);  // SIGALRM: it spun
+}
+
+namespace {
+
+uint64_t StatusKb(const char* field) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.compare(0, strlen(field), field) == 0) return strtoull(line.c_str() + strlen(field) + 1, nullptr, 10);
+  return 0;
+}
+
+uint64_t Fnv(const void* p, size_t n) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; i++) h = (h ^ static_cast<const uint8_t*>(p)[i]) * 1099511628211ull;
+  return h;
+}
+
+}  // namespace
+
+TEST_CASE("large frames: memory outside the budget is bounded in bytes, and a budget that holds fewer than four is refused") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  std::vector<uint64_t> sums;
+  {
+    TensorOptions big;
+    big.page_size = 8 << 20;
+    std::vector<Spec> specs;
+    for (int i = 0; i < 8; i++) specs.push_back(MakeSpec("t" + std::to_string(i), DType::kU8, {8 << 20}, big, 60 + i, false));
+    REQUIRE(BuildBundle(path, "m", specs).ok());
+    for (const auto& sp : specs) sums.push_back(Fnv(sp.data.data(), sp.data.size()));
+  }
+  auto small = PagedBundle::Open(path, Config(24 << 20));
+  REQUIRE(!small.ok());
+  CHECK(small.status().code() == EINVAL);
+  CHECK(std::string(small.status().message()).find("'t0' has frames of 8 MiB") != std::string::npos);
+  CHECK(std::string(small.status().message()).find("--page-size") != std::string::npos);
+  // In a child, so that its peak resident set is this test's alone.
+  int status = RunInChild([&]() -> int {
+    uint64_t before = StatusKb("VmRSS:");
+    {
+      auto b = PagedBundle::Open(path, Config(32 << 20, EvictionPolicy::kLru, 4));
+      if (!b.ok()) return 3;
+      for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; i < 8; i++) {
+          auto t = (*b)->model().tensor("t" + std::to_string(i));
+          if (Fnv(t->data(), t->size()) != sums[i]) return 4;
+        }
+      if ((*b)->stats().peak_resident_bytes > (32u << 20)) return 5;
+    }
+    uint64_t grew = (StatusKb("VmHWM:") - before) << 10;
+    // The budget, a worker's three frames, two pool frames and the reader's
+    // own: 96 MiB at most (over 600 MiB before the bound was in bytes).
+    fprintf(stderr, "grew %llu MiB\n", static_cast<unsigned long long>(grew >> 20));
+    return grew <= (96u << 20) ? 0 : 6;
+  });
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+
+TEST_CASE("a tiny tensor in a bundle of huge frames costs a small page, not a huge one") {
+  TempDir dir;
+  std::string path = dir / "m.apbundle";
+  TensorOptions huge;
+  huge.page_size = 64 << 20;
+  std::vector<Spec> specs;
+  for (int i = 0; i < 300; i++) specs.push_back(MakeSpec("t" + std::to_string(i), DType::kU8, {1}, huge, 100 + i));
+  specs.push_back(MakeSpec("mid", DType::kF32, {300000}, huge, 7));  // 1.2 MiB: one frame of 2 MiB
+  REQUIRE(BuildBundle(path, "m", specs).ok());
+  auto r = BundleReader::Open(path);
+  REQUIRE(r.ok());
+  CHECK((*r)->info().models[0].tensors[0].page_size == 65536);
+  CHECK((*r)->info().models[0].tensors[300].page_size == (2u << 20));
+  auto b = PagedBundle::Open(path, Config(64 << 20));
+  REQUIRE(b.ok());
+  CheckAll(**b, specs);
+  PagingStats st = (*b)->stats();
+  CHECK(st.loads == 301);
+  CHECK(st.peak_resident_bytes <= 300 * 65536 + (2u << 20));
 }
 
 TEST_CASE("prefetch installs a tensor before it is touched") {
