@@ -3,6 +3,8 @@
 // do not compare):
 //   BM_Pack      builder throughput vs a bare zstd compress loop over the
 //                same frames on the same number of threads;
+//   BM_PackManyTensors  packing N tiny tensors against N/10 in the same
+//                iteration: per-tensor cost ratio (1.0 = linear in N);
 //   BM_FullLoad  ReadTensor (io_uring read + checksum + decompress) vs a bare
 //                zstd decompress loop over the same frames already in memory.
 #include <benchmark/benchmark.h>
@@ -72,6 +74,38 @@ void BM_Pack(benchmark::State& state) {
   state.counters["threads"] = pool.size();
 }
 BENCHMARK(BM_Pack)->Arg(0)->Arg(1)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+
+// Real checkpoints have 10k+ tensors (large MoE models 100k+): packing must
+// be linear in their number. Arg: N tiny tensors (equal contents, so the
+// frames deduplicate and the per-tensor work is what is measured), against
+// N/10 in the same iteration.
+void BM_PackManyTensors(benchmark::State& state) {
+  const size_t n = static_cast<size_t>(state.range(0));
+  std::string path = TempPath("many.apbundle");
+  const std::vector<std::byte> data(16, std::byte{7});
+  auto pack = [&](size_t count) {
+    auto t0 = Clock::now();
+    BundleBuilder b;
+    ModelBuilder& m = b.AddModel("m");
+    for (size_t i = 0; i < count; i++)
+      m.AddTensor("model.layers." + std::to_string(i / 64) + ".experts." + std::to_string(i % 64) + ".w",
+                  DType::kU8, {16}, data);
+    auto r = b.Build(path);
+    if (!r.ok()) state.SkipWithError(r.status().message());
+    return Seconds(t0, Clock::now());
+  };
+  double many_s = 0, few_s = 0;
+  for (auto _ : state) {
+    double s = pack(n);
+    many_s += s;
+    few_s += pack(n / 10);
+    state.SetIterationTime(s);
+  }
+  unlink(path.c_str());
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * n));
+  state.counters["per_tensor_cost_vs_tenth"] = (many_s / static_cast<double>(n)) / (few_s / static_cast<double>(n / 10));
+}
+BENCHMARK(BM_PackManyTensors)->Arg(10000)->Arg(100000)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(2);
 
 // Args: codec (0 raw, 1 zstd, 2 zstd + shuffle).
 void BM_FullLoad(benchmark::State& state) {

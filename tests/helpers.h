@@ -32,6 +32,15 @@ class TempDir {
   }
   ~TempDir() { Remove(path_); }
   const std::string& path() const { return path_; }
+  // Entries in a directory (no "." or ".."); 0 where it does not exist.
+  static size_t Count(const std::string& path) {
+    size_t n = 0;
+    if (DIR* d = opendir(path.c_str())) {
+      while (dirent* e = readdir(d)) n += strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0;
+      closedir(d);
+    }
+    return n;
+  }
   std::string operator/(const std::string& name) const { return path_ + "/" + name; }
   // Names of the entries in the directory (no "." or "..").
   std::vector<std::string> List() const {

@@ -1,6 +1,7 @@
 // The faultline command-line tool: pack, inspect, verify, unpack. Uses the
 // public API only. Exit status: 0 success, 1 failure, 2 usage error.
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -77,10 +78,69 @@ constexpr const char* kUnpackHelp =
     "  -o, --output DIR   output directory (required)\n"
     "  --model NAME       only this model\n";
 
+constexpr const char* kLimitsHelp =
+    "  --max-size SIZE      refuse a bundle that declares more than SIZE of tensors and\n"
+    "                       blobs (default: no limit; FAULTLINE_MAX_SIZE)\n"
+    "  --max-expansion N    refuse a bundle that declares more than N times its file\n"
+    "                       size (1 GiB is always allowed; default 4096; 0: no limit;\n"
+    "                       FAULTLINE_MAX_EXPANSION)\n";
+
 int Usage(const char* msg, const char* help) {
   fprintf(stderr, "faultline: %s\n\n%s", msg, help);
+  if (help != kUsage && help != kPackHelp) fputs(kLimitsHelp, stderr);
   return 2;
 }
+
+// A command's help and the reader limits it takes.
+int Help(const char* help) {
+  fputs(help, stdout);
+  fputs(kLimitsHelp, stdout);
+  return 0;
+}
+
+// Takes --max-size / --max-expansion at args[i]: 1 taken, 0 not one of
+// these, -1 a bad or missing value.
+int TakeLimit(const std::vector<std::string>& args, size_t& i, ReaderOptions* o) {
+  const std::string& a = args[i];
+  if (a != "--max-size" && a != "--max-expansion") return 0;
+  if (i + 1 >= args.size()) return -1;
+  const std::string& v = args[++i];
+  uint64_t n = 0;
+  if (a == "--max-size") {
+    if (!ParseSize(v, &n)) return -1;
+    o->max_size = n;
+  } else {
+    char* end = nullptr;
+    errno = 0;
+    n = strtoull(v.c_str(), &end, 10);
+    if (v.empty() || v[0] < '0' || v[0] > '9' || *end != '\0' || errno) return -1;
+    o->max_expansion = n;
+  }
+  return 1;
+}
+
+// A string from a bundle, safe for a terminal: control characters (C0,
+// DEL, C1) as \xNN, so that a manifest cannot move the cursor, clear the
+// screen or set the window title, and an embedded NUL hides nothing.
+std::string Shown(std::string_view in) {
+  std::string out;
+  out.reserve(in.size());
+  for (size_t i = 0; i < in.size(); i++) {
+    auto c = static_cast<unsigned char>(in[i]);
+    bool c1 = c == 0xc2 && i + 1 < in.size() && static_cast<unsigned char>(in[i + 1]) >= 0x80 &&
+              static_cast<unsigned char>(in[i + 1]) <= 0x9f;
+    if (c < 0x20 || c == 0x7f || c1) {
+      if (c1) c = static_cast<unsigned char>(in[++i]);
+      char buf[8];
+      snprintf(buf, sizeof(buf), "\\x%02x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+#define SHOWN(s) Shown(s).c_str()
 
 int Error(const Status& s) {
   fprintf(stderr, "faultline: error: %s\n", s.ToString().c_str());
@@ -135,6 +195,34 @@ std::string DefaultModelName(const std::string& path) {
   if (dot != std::string::npos && dot > 0) base = base.substr(0, dot);
   if (base.empty() || base[0] == '.') base = "model";
   return base;
+}
+
+// A --config file: a regular file of at most 256 MiB (a directory or a
+// device such as /dev/zero is refused, not read until memory runs out).
+Result<std::string> ReadConfigFile(const std::string& path) {
+  constexpr uint64_t kMaxConfig = 256ull << 20;
+  FILE* f = fopen(path.c_str(), "rb");
+  if (!f) return Status::Error(errno, "cannot open --config '%s'", path.c_str());
+  struct stat st;
+  if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+    fclose(f);
+    return Status::Error(S_ISDIR(st.st_mode) ? EISDIR : EINVAL, "--config '%s' is not a regular file",
+                         path.c_str());
+  }
+  if (static_cast<uint64_t>(st.st_size) > kMaxConfig) {
+    fclose(f);
+    return Status::Error(EFBIG, "--config '%s' is %s; a config blob is at most 256 MiB", path.c_str(),
+                         FormatSize(st.st_size).c_str());
+  }
+  std::string bytes;
+  char buf[65536];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), f)) > 0 && bytes.size() <= kMaxConfig) bytes.append(buf, n);
+  bool bad = ferror(f);
+  fclose(f);
+  if (bad) return Status::Error(EIO, "cannot read --config '%s'", path.c_str());
+  if (bytes.size() > kMaxConfig) return Status::Error(EFBIG, "--config '%s' grew past 256 MiB", path.c_str());
+  return bytes;
 }
 
 int Pack(const std::vector<std::string>& args) {
@@ -199,6 +287,19 @@ int Pack(const std::vector<std::string>& args) {
   if (inputs.empty()) return Usage("no input files", kPackHelp);
   if (output.empty()) return Usage("-o OUT.apbundle is required", kPackHelp);
   if (model.empty()) model = DefaultModelName(inputs[0]);
+  struct stat out_st;
+  if (stat(output.c_str(), &out_st) == 0) {
+    for (const std::string& in : inputs) {
+      struct stat in_st;
+      if (stat(in.c_str(), &in_st) == 0 && in_st.st_dev == out_st.st_dev && in_st.st_ino == out_st.st_ino)
+        return Usage(("the output " + output + " is the input " + in + ": it would be replaced").c_str(), kPackHelp);
+    }
+    if (!config.empty()) {
+      struct stat c_st;
+      if (stat(config.c_str(), &c_st) == 0 && c_st.st_dev == out_st.st_dev && c_st.st_ino == out_st.st_ino)
+        return Usage(("the output " + output + " is the --config file").c_str(), kPackHelp);
+    }
+  }
 
   BundleBuilder builder;
   ModelBuilder& m = builder.AddModel(model);
@@ -206,14 +307,9 @@ int Pack(const std::vector<std::string>& args) {
   Status s = ImportSafetensors(inputs, m, topts);
   if (!s.ok()) return Error(s);
   if (!config.empty()) {
-    FILE* f = fopen(config.c_str(), "rb");
-    if (!f) return Error(Status::Error(errno, "cannot open '%s'", config.c_str()));
-    std::string bytes;
-    char buf[65536];
-    size_t n;
-    while ((n = fread(buf, 1, sizeof(buf), f)) > 0) bytes.append(buf, n);
-    fclose(f);
-    m.AddBlob(DefaultModelName(config) + ".json", BlobKind::kConfig, "application/json", bytes);
+    auto bytes = ReadConfigFile(config);
+    if (!bytes.ok()) return Error(bytes.status());
+    m.AddBlob(DefaultModelName(config) + ".json", BlobKind::kConfig, "application/json", *bytes);
   }
   Progress progress("packing", quiet);
   bopts.progress = [&](uint64_t d, uint64_t t) { progress.Update(d, t); };
@@ -267,10 +363,13 @@ nlohmann::json SigJson(const std::vector<TensorSignature>& v) {
 int Inspect(const std::vector<std::string>& args) {
   std::string path;
   bool as_json = false;
-  for (const auto& a : args) {
-    if (IsHelp(a)) {
-      fputs(kInspectHelp, stdout);
-      return 0;
+  ReaderOptions ro;
+  for (size_t i = 0; i < args.size(); i++) {
+    const std::string& a = args[i];
+    if (int l = TakeLimit(args, i, &ro)) {
+      if (l < 0) return Usage((a + " needs a size (--max-size) or an integer (--max-expansion)").c_str(), kInspectHelp);
+    } else if (IsHelp(a)) {
+      return Help(kInspectHelp);
     } else if (a == "--json") {
       as_json = true;
     } else if (!a.empty() && a[0] == '-') {
@@ -282,7 +381,7 @@ int Inspect(const std::vector<std::string>& args) {
     }
   }
   if (path.empty()) return Usage("no bundle given", kInspectHelp);
-  auto r = BundleReader::Open(path);
+  auto r = BundleReader::Open(path, ro);
   if (!r.ok()) return Error(r.status());
   const BundleInfo& info = (*r)->info();
   if (as_json) {
@@ -320,8 +419,8 @@ int Inspect(const std::vector<std::string>& args) {
     printf("%s\n", doc.dump(2, ' ', false, json::error_handler_t::replace).c_str());
     return 0;
   }
-  printf("%s: apbundle v%u, %zu model(s), produced by %s at %s\n", path.c_str(),
-         info.format_version, info.models.size(), info.producer.c_str(), info.created.c_str());
+  printf("%s: apbundle v%u, %zu model(s), produced by %s at %s\n", SHOWN(path),
+         info.format_version, info.models.size(), SHOWN(info.producer), SHOWN(info.created));
   printf("  %s of data in %s (ratio %.3fx); %llu frames, %llu stored (dedup)\n",
          FormatSize(info.logical_bytes).c_str(), FormatSize(info.file_size).c_str(),
          Ratio(info.logical_bytes, info.file_size), static_cast<unsigned long long>(info.frame_refs),
@@ -332,30 +431,30 @@ int Inspect(const std::vector<std::string>& args) {
       logical += t.size;
       stored += t.stored_size;
     }
-    printf("\nmodel %s%s%s: %zu tensors, %s (stored %s, %.3fx)\n", m.name.c_str(),
-           m.version.empty() ? "" : " version ", m.version.c_str(), m.tensors.size(),
+    printf("\nmodel %s%s%s: %zu tensors, %s (stored %s, %.3fx)\n", SHOWN(m.name),
+           m.version.empty() ? "" : " version ", SHOWN(m.version), m.tensors.size(),
            FormatSize(logical).c_str(), FormatSize(stored).c_str(), Ratio(logical, stored));
-    if (!m.metadata.author.empty()) printf("  author:  %s\n", m.metadata.author.c_str());
-    if (!m.metadata.license.empty()) printf("  license: %s\n", m.metadata.license.c_str());
-    if (!m.metadata.description.empty()) printf("  description: %s\n", m.metadata.description.c_str());
-    for (const auto& [k, v] : m.metadata.metrics) printf("  metric %s = %g\n", k.c_str(), v);
-    for (const auto& [k, v] : m.metadata.extra) printf("  %s = %s\n", k.c_str(), v.c_str());
+    if (!m.metadata.author.empty()) printf("  author:  %s\n", SHOWN(m.metadata.author));
+    if (!m.metadata.license.empty()) printf("  license: %s\n", SHOWN(m.metadata.license));
+    if (!m.metadata.description.empty()) printf("  description: %s\n", SHOWN(m.metadata.description));
+    for (const auto& [k, v] : m.metadata.metrics) printf("  metric %s = %g\n", SHOWN(k), v);
+    for (const auto& [k, v] : m.metadata.extra) printf("  %s = %s\n", SHOWN(k), SHOWN(v));
     for (const auto* side : {&m.signature.inputs, &m.signature.outputs}) {
       for (const auto& t : *side) {
         std::string shape;
         for (size_t i = 0; i < t.shape.size(); i++) shape += (i ? "," : "") + SigDimString(t.shape[i]);
         printf("  %s %s: %s[%s]\n", side == &m.signature.inputs ? "input " : "output",
-               t.name.c_str(), DTypeName(t.dtype), shape.c_str());
+               SHOWN(t.name), DTypeName(t.dtype), SHOWN(shape));
       }
     }
-    for (const auto& d : m.dependencies) printf("  depends on %s %s\n", d.name.c_str(), d.version.c_str());
+    for (const auto& d : m.dependencies) printf("  depends on %s %s\n", SHOWN(d.name), SHOWN(d.version));
     for (const auto& b : m.blobs)
-      printf("  blob %s (%s, %s): %s\n", b.name.c_str(), BlobKindName(b.kind), b.media_type.c_str(),
+      printf("  blob %s (%s, %s): %s\n", SHOWN(b.name), BlobKindName(b.kind), SHOWN(b.media_type),
              FormatSize(b.data.size).c_str());
     printf("  %-40s %-7s %-18s %12s %12s %7s %s\n", "tensor", "dtype", "shape", "size", "stored",
            "ratio", "codec/page");
     for (const auto& t : m.tensors)
-      printf("  %-40s %-7s %-18s %12s %12s %6.3fx %s%s/%s\n", t.name.c_str(), DTypeName(t.dtype),
+      printf("  %-40s %-7s %-18s %12s %12s %6.3fx %s%s/%s\n", SHOWN(t.name), DTypeName(t.dtype),
              ShapeString(t.shape).c_str(), FormatSize(t.size).c_str(),
              FormatSize(t.stored_size).c_str(), Ratio(t.size, t.stored_size), CodecName(t.codec),
              t.shuffle ? "+shuffle" : "", FormatSize(t.page_size).c_str());
@@ -366,10 +465,13 @@ int Inspect(const std::vector<std::string>& args) {
 int Verify(const std::vector<std::string>& args) {
   std::string path;
   bool quiet = false;
-  for (const auto& a : args) {
-    if (IsHelp(a)) {
-      fputs(kVerifyHelp, stdout);
-      return 0;
+  ReaderOptions ro;
+  for (size_t i = 0; i < args.size(); i++) {
+    const std::string& a = args[i];
+    if (int l = TakeLimit(args, i, &ro)) {
+      if (l < 0) return Usage((a + " needs a size (--max-size) or an integer (--max-expansion)").c_str(), kVerifyHelp);
+    } else if (IsHelp(a)) {
+      return Help(kVerifyHelp);
     } else if (a == "-q" || a == "--quiet") {
       quiet = true;
     } else if (!a.empty() && a[0] == '-') {
@@ -382,7 +484,7 @@ int Verify(const std::vector<std::string>& args) {
   }
   if (path.empty()) return Usage("no bundle given", kVerifyHelp);
   auto t0 = std::chrono::steady_clock::now();
-  auto r = BundleReader::Open(path);
+  auto r = BundleReader::Open(path, ro);
   if (!r.ok()) return Error(r.status());
   Progress progress("verifying", quiet);
   Status s = (*r)->Verify([&](uint64_t d, uint64_t t) { progress.Update(d, t); });
@@ -401,11 +503,13 @@ int Verify(const std::vector<std::string>& args) {
 
 int Unpack(const std::vector<std::string>& args) {
   std::string path, dir, model;
+  ReaderOptions ro;
   for (size_t i = 0; i < args.size(); i++) {
     const std::string& a = args[i];
-    if (IsHelp(a)) {
-      fputs(kUnpackHelp, stdout);
-      return 0;
+    if (int l = TakeLimit(args, i, &ro)) {
+      if (l < 0) return Usage((a + " needs a size (--max-size) or an integer (--max-expansion)").c_str(), kUnpackHelp);
+    } else if (IsHelp(a)) {
+      return Help(kUnpackHelp);
     } else if (a == "-o" || a == "--output") {
       if (!TakeValue(args, i, &dir)) return Usage("-o needs a directory", kUnpackHelp);
     } else if (a == "--model") {
@@ -420,20 +524,38 @@ int Unpack(const std::vector<std::string>& args) {
   }
   if (path.empty()) return Usage("no bundle given", kUnpackHelp);
   if (dir.empty()) return Usage("-o DIR is required", kUnpackHelp);
-  auto r = BundleReader::Open(path);
+  auto r = BundleReader::Open(path, ro);
   if (!r.ok()) return Error(r.status());
   const BundleInfo& info = (*r)->info();
   if (!model.empty() && !info.FindModel(model))
-    return Error(Status::Error(ENOENT, "%s has no model '%s'", path.c_str(), model.c_str()));
-  if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
-    return Error(Status::Error(errno, "cannot create directory '%s'", dir.c_str()));
+    return Error(Status::Error(ENOENT, "%s has no model '%s'", path.c_str(), SHOWN(model)));
+  if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    int err = errno;
+    struct stat st;
+    std::string parent = dir.find('/') == std::string::npos ? "." : dir.substr(0, dir.rfind('/'));
+    if (parent.empty()) parent = "/";
+    if (err == ENOENT && stat(parent.c_str(), &st) == 0)  // procfs and the like say ENOENT
+      return Error(Status::Error(err, "cannot create directory '%s' (its parent '%s' exists but takes no new "
+                                 "directory)", dir.c_str(), parent.c_str()));
+    return Error(Status::Error(err, "cannot create directory '%s'", dir.c_str()));
+  }
+  // Room first: a bundle's tensors can be far larger than the bundle.
+  uint64_t need = 0;
+  for (const auto& m : info.models)
+    if (model.empty() || m.name == model)
+      for (const auto& t : m.tensors) need += t.size;
+  struct statvfs fs;
+  if (statvfs(dir.c_str(), &fs) == 0 && static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize < need)
+    return Error(Status::Error(ENOSPC, "unpacking %s needs %s in '%s', which has %s free", path.c_str(),
+                               FormatSize(need).c_str(), dir.c_str(),
+                               FormatSize(static_cast<uint64_t>(fs.f_bavail) * fs.f_frsize).c_str()));
   for (const auto& m : info.models) {
     if (!model.empty() && m.name != model) continue;
     // Model names were checked on open: one path component, no leading '.'.
     std::string out = dir + "/" + m.name + ".safetensors";
     Status s = ExportSafetensors(**r, m, out);
-    if (!s.ok()) return Error(s);
-    printf("%s\n", out.c_str());
+    if (!s.ok()) return Error(s.WithPrefix("%s", path.c_str()));
+    printf("%s\n", SHOWN(out));
   }
   return 0;
 }

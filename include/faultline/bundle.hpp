@@ -208,6 +208,16 @@ class BundleBuilder {
 
 struct ReaderOptions {
   unsigned threads = 0;   // decompression threads for whole-tensor reads; 0 = all cores
+  // Limits against decompression bombs (a small file that declares huge
+  // tensors, through one frame referenced many times or frames that expand
+  // far): Open refuses (EFBIG, naming the sizes and the way out) a bundle
+  // whose tensors and blobs add up to more than max_expansion times its
+  // file size (1 GiB is always allowed) or more than max_size bytes. 0
+  // turns a limit off; kFromEnvironment takes FAULTLINE_MAX_EXPANSION
+  // (default 4096) and FAULTLINE_MAX_SIZE (default no limit).
+  static constexpr uint64_t kFromEnvironment = UINT64_MAX;
+  uint64_t max_expansion = kFromEnvironment;
+  uint64_t max_size = kFromEnvironment;
 };
 
 class BundleReader {

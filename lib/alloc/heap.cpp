@@ -26,6 +26,12 @@ using internal::OptionId;
 AllocConfig AllocConfig::FromEnvironment() {
   internal::ScopedInternal inside;
   AllocConfig c;
+  {
+    // The default first, so that a bad FAULTLINE_BUDGET's warning names it.
+    internal::HostMemory m;
+    if (internal::ReadHostMemory(&m)) c.budget = (m.cgroup_limit ? m.cgroup_limit : m.total) / 2;
+    if (c.budget == 0) c.budget = 1ull << 30;
+  }
   internal::OptionSize(OptionId::kBudget, &c.budget);
   internal::OptionSize(OptionId::kThreshold, &c.threshold);
   if (const char* v = internal::OptionValue(OptionId::kSpillDir)) c.spill_dir = v;
@@ -42,11 +48,6 @@ AllocConfig AllocConfig::FromEnvironment() {
     }
     if (level >= 0) c.zstd_level = level;
     else internal::WarnBadOption(OptionId::kSpillCodec, v, "raw, zstd or zstd:1..19");
-  }
-  if (c.budget == 0) {
-    internal::HostMemory m;
-    if (internal::ReadHostMemory(&m)) c.budget = (m.cgroup_limit ? m.cgroup_limit : m.total) / 2;
-    if (c.budget == 0) c.budget = 1ull << 30;
   }
   return c;
 }
@@ -107,7 +108,9 @@ AllocEngine* TheHeap() noexcept {
       fprintf(stderr, "faultline: managed memory on: budget %s, threshold %s, spill codec %s\n",
               FormatSize(c.budget).c_str(), FormatSize(c.threshold).c_str(), c.zstd_level ? "zstd" : "raw");
     if (OptionFlag(OptionId::kShowStats)) atexit(PrintHeapStats);
-  } else if (verbose) {
+  } else {
+    // Said once whether verbose or not: a program under the shim that gets
+    // no managed memory should not find out by running out of memory.
     fprintf(stderr, "faultline: managed memory is off (%s); allocations go to the system allocator\n",
             e.status().message());
   }

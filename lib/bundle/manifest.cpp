@@ -1,6 +1,7 @@
 // Manifest JSON writing and strict parsing; see manifest.h and docs/FORMAT.md.
 #include "bundle/manifest.h"
 
+#include <cstring>
 #include <set>
 
 #include "bundle/codec.h"
@@ -12,27 +13,47 @@ namespace faultline::internal {
 using json = nlohmann::json;
 using vt = json::value_t;
 
+namespace {
+
+// The first control character in `name`: C0, DEL, or C1 (U+0080..U+009F,
+// UTF-8 0xC2 0x80..0x9F), which terminals act on; nullptr where none.
+const char* ControlCharacter(std::string_view name) {
+  for (size_t i = 0; i < name.size(); i++) {
+    auto c = static_cast<unsigned char>(name[i]);
+    if (c < 0x20 || c == 0x7f) return "NUL or a control character";
+    if (c == 0xc2 && i + 1 < name.size() && static_cast<unsigned char>(name[i + 1]) >= 0x80 &&
+        static_cast<unsigned char>(name[i + 1]) <= 0x9f)
+      return "a C1 control character";
+  }
+  return nullptr;
+}
+
+}  // namespace
+
 Status CheckModelName(std::string_view name) {
-  if (name.empty() || name.size() > 255)
-    return Status::Error(EINVAL, "model name must be 1-255 bytes");
+  // unpack writes "<model>.safetensors": a file name (255 bytes at most).
+  if (name.empty() || name.size() > kMaxModelName)
+    return Status::Error(EINVAL, "model name must be 1-%zu bytes (unpack writes it as <name>.safetensors)",
+                         kMaxModelName);
   if (name[0] == '.') return Status::Error(EINVAL, "model name '%.*s' starts with '.'",
                                            static_cast<int>(std::min<size_t>(name.size(), 64)), name.data());
   for (char c : name) {
     if (c == '/' || c == '\\')
       return Status::Error(EINVAL, "model name '%.*s' contains a path separator",
                            static_cast<int>(std::min<size_t>(name.size(), 64)), name.data());
-    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
-      return Status::Error(EINVAL, "model name contains NUL or a control character");
   }
+  if (const char* what = ControlCharacter(name)) return Status::Error(EINVAL, "model name contains %s", what);
   return Status::Ok();
 }
 
 Status CheckObjectName(std::string_view name, const char* what) {
   if (name.empty() || name.size() > 4096)
     return Status::Error(EINVAL, "%s name must be 1-4096 bytes", what);
-  for (char c : name)
-    if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
-      return Status::Error(EINVAL, "%s name contains NUL or a control character", what);
+  if (const char* c = ControlCharacter(name)) return Status::Error(EINVAL, "%s name contains %s", what, c);
+  // safetensors keeps its metadata under this key: a tensor of that name
+  // cannot be written back (unpack) or read by any safetensors reader.
+  if (name == "__metadata__" && !strcmp(what, "tensor"))
+    return Status::Error(EINVAL, "tensor name '__metadata__' is reserved by safetensors for its metadata");
   return Status::Ok();
 }
 
@@ -189,7 +210,7 @@ Status ParseObject(const json& o, const std::vector<FrameRecord>& frames, Tensor
     return Status::Error(EINVAL, "%s: 'frames' must be [first, count]", ctx);
   t->first_frame = (*fr)[0].get<uint64_t>();
   t->frame_count = (*fr)[1].get<uint64_t>();
-  uint64_t expected = (t->size + page - 1) / page;
+  uint64_t expected = t->size / page + (t->size % page != 0);  // (size + page - 1 may overflow)
   if (t->frame_count != expected)
     return Status::Error(EINVAL, "%s: %llu frames, but size %llu at page size %llu needs %llu", ctx,
                          static_cast<unsigned long long>(t->frame_count),
@@ -310,7 +331,8 @@ Status ManifestFromJson(std::string_view text, const std::vector<FrameRecord>& f
         b.data.dtype = DType::kU8;
         FL_RETURN_IF_ERROR(ParseObject(bj, frames, &b.data, octx));
         b.data.shape = {b.data.size};
-        info->logical_bytes += b.data.size;
+        if (__builtin_add_overflow(info->logical_bytes, b.data.size, &info->logical_bytes))
+          return Status::Error(EOVERFLOW, "%s: the bundle declares more than 2^64 bytes", octx);
         info->frame_refs += b.data.frame_count;
         m.blobs.push_back(std::move(b));
       }
@@ -344,7 +366,8 @@ Status ManifestFromJson(std::string_view text, const std::vector<FrameRecord>& f
                              static_cast<unsigned long long>(bytes));
       if (t.codec == Codec::kRaw && t.shuffle)
         return Status::Error(EINVAL, "%s: shuffle is only valid with the zstd codec", octx);
-      info->logical_bytes += t.size;
+      if (__builtin_add_overflow(info->logical_bytes, t.size, &info->logical_bytes))
+        return Status::Error(EOVERFLOW, "%s: the bundle declares more than 2^64 bytes", octx);
       info->frame_refs += t.frame_count;
       m.tensors.push_back(std::move(t));
     }

@@ -16,6 +16,8 @@ namespace faultline::internal {
 // Model names: 1-255 bytes, no '/', '\\', NUL or control characters, not
 // starting with '.'. Object (tensor, blob) names: 1-4096 bytes, no NUL or
 // control characters. `what` names the thing in the error.
+// Model names are file names in unpack's output: 255 bytes less ".safetensors".
+inline constexpr size_t kMaxModelName = 255 - 12;
 Status CheckModelName(std::string_view name);
 Status CheckObjectName(std::string_view name, const char* what);
 // Element count times element size, overflow-checked.

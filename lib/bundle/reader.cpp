@@ -12,13 +12,17 @@
 #include "bundle/reader_impl.h"
 #include "core/checksum.h"
 #include "core/status_macros.h"
+#include "faultline/size.hpp"
 #include "io/uring.h"
+#include "pager/options.h"
 
 namespace faultline {
 
 using namespace internal;
 
 namespace {
+
+constexpr uint64_t kDefaultMaxExpansion = 4096;
 
 Status CheckLayout(const Header& h, uint64_t real_size) {
   if (h.file_size != real_size)
@@ -227,6 +231,41 @@ Status BundleReader::Impl::DecodeAll(const TensorInfo& obj, std::byte* out, cons
   return first_error;
 }
 
+// The decompression-bomb limits of ReaderOptions.
+static Status CheckDeclaredSize(const BundleInfo& info, const ReaderOptions& options) {
+  uint64_t expansion = options.max_expansion, most = options.max_size;
+  if (expansion == ReaderOptions::kFromEnvironment) {
+    expansion = kDefaultMaxExpansion;
+    if (const char* v = OptionValue(OptionId::kMaxExpansion)) {
+      char* end = nullptr;
+      unsigned long long n = strtoull(v, &end, 10);
+      if (*v >= '0' && *v <= '9' && *end == '\0') expansion = n;
+      else WarnBadOption(OptionId::kMaxExpansion, v, "an integer (0 = no limit)");
+    }
+  }
+  if (most == ReaderOptions::kFromEnvironment) {
+    most = 0;
+    OptionSize(OptionId::kMaxSize, &most);
+  }
+  uint64_t declared = info.logical_bytes;
+  uint64_t allowed = 0;
+  if (__builtin_mul_overflow(info.file_size, expansion, &allowed)) allowed = UINT64_MAX;
+  allowed = std::max<uint64_t>(allowed, 1ull << 30);
+  if (expansion && declared > allowed)
+    return Status::Error(EFBIG,
+                         "the bundle declares %s of tensors and blobs in a file of %s (%.0fx; the limit is %llux): "
+                         "refused as a possible decompression bomb; raise the limit with --max-expansion or "
+                         "FAULTLINE_MAX_EXPANSION (0: none) if the bundle is trusted",
+                         FormatSize(declared).c_str(), FormatSize(info.file_size).c_str(),
+                         static_cast<double>(declared) / static_cast<double>(std::max<uint64_t>(info.file_size, 1)),
+                         static_cast<unsigned long long>(expansion));
+  if (most && declared > most)
+    return Status::Error(EFBIG, "the bundle declares %s of tensors and blobs, more than the limit of %s "
+                         "(--max-size, FAULTLINE_MAX_SIZE)",
+                         FormatSize(declared).c_str(), FormatSize(most).c_str());
+  return Status::Ok();
+}
+
 BundleReader::BundleReader(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 BundleReader::~BundleReader() = default;
 
@@ -278,6 +317,7 @@ Result<std::unique_ptr<BundleReader>> BundleReader::OpenFd(int fd, const ReaderO
   info.file_size = size;
   info.unique_frames = unique_frames;
   info.stored_bytes = stored_bytes;
+  FL_RETURN_IF_ERROR(CheckDeclaredSize(info, options));
   return std::unique_ptr<BundleReader>(new BundleReader(std::move(impl)));
 }
 
@@ -304,13 +344,25 @@ Status BundleReader::ReadTensor(const TensorInfo& obj, std::span<std::byte> out)
 }
 
 Result<std::vector<std::byte>> BundleReader::ReadTensor(const TensorInfo& obj) const {
-  std::vector<std::byte> out(obj.size);
+  std::vector<std::byte> out;
+  try {
+    out.resize(obj.size);
+  } catch (const std::exception&) {
+    return Status::Error(ENOMEM, "tensor '%.64s' of %llu bytes does not fit in memory", obj.name.c_str(),
+                         static_cast<unsigned long long>(obj.size));
+  }
   FL_RETURN_IF_ERROR(ReadTensor(obj, out));
   return out;
 }
 
 Result<std::string> BundleReader::ReadBlob(const BlobInfo& blob) const {
-  std::string out(blob.data.size, '\0');
+  std::string out;
+  try {
+    out.resize(blob.data.size);
+  } catch (const std::exception&) {
+    return Status::Error(ENOMEM, "blob '%.64s' of %llu bytes does not fit in memory", blob.name.c_str(),
+                         static_cast<unsigned long long>(blob.data.size));
+  }
   char label[96];
   snprintf(label, sizeof(label), "blob '%.64s'", blob.name.c_str());
   FL_RETURN_IF_ERROR(impl_->DecodeAll(blob.data, reinterpret_cast<std::byte*>(out.data()), label));

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "bundle/codec.h"
 #include "bundle/manifest.h"
@@ -65,6 +66,7 @@ std::string IsoTimeNow() {
 struct ModelBuilder::Impl {
   ModelInfo info;  // name, version, metadata, signature, dependencies
   std::vector<PendingObject> objects;
+  std::unordered_set<std::string> tensor_names, blob_names;  // (a scan of `objects` was quadratic)
   Status error;
 
   void Fail(Status s) {
@@ -79,9 +81,8 @@ struct ModelBuilder::Impl {
       s = Status::Error(EINVAL, "zstd level %d out of range", o.level);
     if (s.ok() && !(o.min_ratio >= 1.0 && o.min_ratio <= 1e9))
       s = Status::Error(EINVAL, "min_ratio %g must be a number of at least 1", o.min_ratio);
-    for (const auto& p : objects)
-      if (s.ok() && p.is_blob == is_blob && p.info.name == name)
-        s = Status::Error(EEXIST, "duplicate %s name", what);
+    if (s.ok() && !(is_blob ? blob_names : tensor_names).insert(name).second)
+      s = Status::Error(EEXIST, "duplicate %s name", what);
     uint64_t bytes = 0;
     if (s.ok()) s = ShapeBytes(dtype, shape, &bytes);
     if (!s.ok()) {
@@ -314,7 +315,11 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
   // buffers form a pipeline: the pool compresses batch k+1 while a writer
   // thread deduplicates and writes batch k.
   uint64_t batch = std::max<uint64_t>(1, std::min<uint64_t>(pool_.size() * 8ull, (128ull << 20) / page));
-  const size_t bound = MaxStoredLength(t.codec, page);
+  batch = std::min<uint64_t>(batch, std::max<uint64_t>(t.frame_count, 1));
+  // Buffers for what this object needs: a tensor smaller than a page
+  // (checkpoints have many) must not cost a full batch of allocations.
+  const uint64_t span = std::min<uint64_t>(page, std::max<uint64_t>(t.size, 1));
+  const size_t bound = MaxStoredLength(t.codec, span);
   struct Slot {
     size_t stored = 0;
     uint32_t flags = 0;
@@ -328,9 +333,9 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
   };
   Batch bufs[2];
   for (auto& b : bufs) {
-    b.raw.resize(p.source ? batch * page : 0);
+    b.raw.resize(p.source ? batch * span : 0);
     b.out.resize(batch * bound);
-    b.shuffle.resize(t.shuffle ? batch * page : 0);
+    b.shuffle.resize(t.shuffle ? batch * span : 0);
     b.slots.resize(batch);
   }
   const std::byte* blob = reinterpret_cast<const std::byte*>(p.blob_bytes.data());
@@ -386,16 +391,27 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
     } else {
       raw = (p.is_blob ? blob : p.data.data()) + start;
     }
-    pool_.ParallelFor(b.count, [&](size_t i) {
+    auto encode = [&](size_t i) {
       uint64_t off = i * page;
       size_t flen = std::min<uint64_t>(page, b.len - off);
       Slot& s = b.slots[i];
       s.hash = ContentHash128(raw + off, flen);
       auto r = EncodeFrame(codec, {raw + off, flen}, {b.out.data() + i * bound, bound},
-                           t.shuffle ? b.shuffle.data() + i * page : nullptr, &s.flags);
+                           t.shuffle ? b.shuffle.data() + i * span : nullptr, &s.flags);
       s.status = r.ok() ? Status::Ok() : r.status();
       s.stored = r.ok() ? r.value() : 0;
-    });
+    };
+    if (t.frame_count <= 1) {
+      // One frame (checkpoints hold thousands of small tensors): on this
+      // thread, without two thread hand-offs per tensor. No write is
+      // pending between objects.
+      if (b.count) encode(0);
+      status = write_batch(b);
+      done_ += b.len;
+      if (opts_.progress) opts_.progress(done_, total_);
+      continue;
+    }
+    pool_.ParallelFor(b.count, encode);
     if (pending) status = writer_.Wait();
     pending = false;
     if (!status.ok()) break;

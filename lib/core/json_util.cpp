@@ -56,6 +56,9 @@ Status GetMember(const json& obj, const char* key, json::value_t type, const jso
                (type == json::value_t::number_unsigned && it->is_number_unsigned()) ||
                (type == json::value_t::number_integer && it->is_number_integer()) ||
                (type == json::value_t::number_float && it->is_number());
+  if (!match && type == json::value_t::number_integer && it->is_number())
+    return Status::Error(EINVAL, "%s: field '%s' must be an integer of 64 bits at most, not %s", ctx, key,
+                         it->dump().substr(0, 32).c_str());
   if (!match) {
     json probe(type);
     return Status::Error(EINVAL, "%s: field '%s' must be %s, not %s", ctx, key, probe.type_name(),

@@ -38,6 +38,8 @@ constexpr OptionSpec kOptions[] = {
     {"FAULTLINE_THRESHOLD", "size", "1M", "allocations of at least this size go to managed memory"},
     {"FAULTLINE_SPILL_DIR", "path", "$TMPDIR or /var/tmp", "where the (unlinked) spill file lives"},
     {"FAULTLINE_SPILL_CODEC", "zstd[:level]|raw", "zstd:1", "how spilled chunks are stored"},
+    {"FAULTLINE_MAX_EXPANSION", "integer", "4096", "a bundle may declare at most this many times its file size in tensors and blobs (at least 1 GiB; 0 = no limit)"},
+    {"FAULTLINE_MAX_SIZE", "size", "no limit", "a bundle may declare at most this many bytes of tensors and blobs"},
 };
 static_assert(sizeof(kOptions) / sizeof(kOptions[0]) == static_cast<int>(OptionId::kCount));
 
@@ -53,10 +55,11 @@ const char* OptionValue(OptionId id) noexcept {
   return v && *v ? v : nullptr;
 }
 
-void WarnBadOption(OptionId id, const char* value, const char* what) noexcept {
+void WarnBadOption(OptionId id, const char* value, const char* what, const char* used) noexcept {
   if (g_warned[static_cast<int>(id)].exchange(true)) return;
-  fprintf(stderr, "faultline: %s=%s is not %s; using the default (%s)\n", Option(id).name, value, what,
-          Option(id).default_text);
+  if (used) fprintf(stderr, "faultline: %s=%s is not %s; using %s\n", Option(id).name, value, what, used);
+  else fprintf(stderr, "faultline: %s=%s is not %s; using the default (%s)\n", Option(id).name, value, what,
+               Option(id).default_text);
 }
 
 bool OptionFlag(OptionId id) noexcept {
@@ -87,8 +90,17 @@ void OptionSize(OptionId id, uint64_t* out) noexcept {
   const char* v = OptionValue(id);
   if (!v) return;
   uint64_t b;
-  if (ParseSize(v, &b) && b > 0) *out = b;
-  else WarnBadOption(id, v, "a size such as 512M");
+  if (ParseSize(v, &b) && b > 0) {
+    *out = b;
+  } else if (*out) {
+    // What is used: the default the caller computed (half the memory for
+    // managed memory, 100 MiB for bundles), which the table's text may not be.
+    char used[48];
+    snprintf(used, sizeof(used), "%.1f MiB", static_cast<double>(*out) / (1 << 20));
+    WarnBadOption(id, v, "a size such as 512M", used);
+  } else {
+    WarnBadOption(id, v, "a size such as 512M");
+  }
 }
 
 void OptionFraction(OptionId id, double* out) noexcept {

@@ -72,11 +72,21 @@ TEST_CASE("raw spill codec and a small threshold work the same") {
 }
 
 TEST_CASE("where userfaultfd is denied, everything goes to the system allocator, said once") {
-  auto r = Probe("denied", "FAULTLINE_VERBOSE=1");
+  for (const char* env : {"FAULTLINE_VERBOSE=1", "FAULTLINE_VERBOSE=0"}) {
+    auto r = Probe("denied", env);
+    INFO(r.out);
+    if (r.status == 77) return;
+    CHECK(r.status == 0);
+    size_t at = r.out.find("managed memory is off");
+    CHECK(at != std::string::npos);
+    CHECK(r.out.find("managed memory is off", at + 1) == std::string::npos);
+  }
+  // An unusable spill directory: said too, not only when verbose.
+  auto r = Probe("contract", "FAULTLINE_SPILL_DIR=/nonexistent/spill");
   INFO(r.out);
-  if (r.status == 77) return;
   CHECK(r.status == 0);
   CHECK(r.out.find("managed memory is off") != std::string::npos);
+  CHECK(r.out.find("/nonexistent/spill") != std::string::npos);
 }
 
 TEST_CASE("bad option values warn once and keep the defaults") {
@@ -84,6 +94,17 @@ TEST_CASE("bad option values warn once and keep the defaults") {
   INFO(r.out);
   CHECK(r.status == 0);
   CHECK(r.out.find("FAULTLINE_BUDGET=lots is not") != std::string::npos);
+  // It says what it uses (half the memory), not the paging default's text.
+  CHECK(r.out.find("using the default (100MB)") == std::string::npos);
+  CHECK(r.out.find("MiB\n") != std::string::npos);
+  for (const char* bad : {"0", "-5", "64M%20"}) {
+    std::string v = bad;
+    if (v == "64M%20") v = "'64M '";
+    auto b = Probe("contract", "FAULTLINE_BUDGET=" + v);
+    INFO(b.out);
+    CHECK(b.status == 0);
+    CHECK(b.out.find("is not a size such as 512M; using ") != std::string::npos);
+  }
   CHECK(r.out.find("FAULTLINE_SPILL_CODEC=lz4 is not") != std::string::npos);
   CHECK(r.out.find("FAULTLINE_THRESHOLD=-1 is not") != std::string::npos);
 }

@@ -8,6 +8,8 @@
 
 using namespace faultline;
 using namespace faultline::test;
+
+static const std::vector<std::byte> kOneByte(1), kFourBytes(4);  // outlive every Build
 using nlohmann::json;
 
 namespace {
@@ -295,6 +297,88 @@ TEST_CASE("duplicate model or tensor names in a manifest are refused") {
   p = MakeGood(dir, "2.apbundle");
   RewriteManifest(p, [](json& j) { j["models"][0]["tensors"][1]["name"] = "a"; });
   CHECK(Contains(OpenError(p), "duplicate tensor name"));
+}
+
+TEST_CASE("a blob or tensor whose size overflows the frame count is refused") {
+  TempDir dir;
+  std::string p = MakeGood(dir);
+  RewriteManifest(p, [](json& j) {
+    j["models"][0]["blobs"] = json::array({{{"name", "huge"}, {"kind", "config"}, {"size", UINT64_MAX},
+                                            {"codec", "zstd"}, {"level", 3}, {"shuffle", false},
+                                            {"page_size", 65536}, {"frames", {0, 0}}}});
+  });
+  CHECK(Contains(OpenError(p), "blob 'huge': 0 frames, but size 18446744073709551615"));
+  p = MakeGood(dir, "2.apbundle");
+  RewriteManifest(p, [](json& j) { j["models"][0]["tensors"][0]["size"] = 1.5; });
+  CHECK(Contains(OpenError(p), "field 'size' must be an integer of 64 bits at most, not 1.5"));
+  p = MakeGood(dir, "3.apbundle");
+  RewriteManifest(p, [](json& j) { j["models"][0]["tensors"][0]["size"] = 424242; },
+                  [](std::string& t) {
+                    auto at = t.find("424242");
+                    REQUIRE(at != std::string::npos);
+                    t.replace(at, 6, "18446744073709551616");
+                  });
+  CHECK(Contains(OpenError(p), "must be an integer of 64 bits at most"));
+}
+
+TEST_CASE("a small bundle declaring far more than it holds is refused as a decompression bomb") {
+  TempDir dir;
+  std::string p = dir / "bomb.apbundle";
+  MakeBomb(p, 256);  // 16 GiB declared in a file of a few KiB
+  std::string e = OpenError(p);
+  CHECK(Contains(e, "declares 16.00 GiB of tensors and blobs in a file of"));
+  CHECK(Contains(e, "decompression bomb"));
+  CHECK(Contains(e, "--max-expansion"));
+  ReaderOptions off;
+  off.max_expansion = 0;
+  auto r = BundleReader::Open(p, off);
+  REQUIRE(r.ok());  // the limit is the user's to lift
+  CHECK((*r)->info().logical_bytes == (16ull << 30));
+  ReaderOptions capped;
+  capped.max_expansion = 0;
+  capped.max_size = 1ull << 30;
+  auto c = BundleReader::Open(p, capped);
+  REQUIRE(!c.ok());
+  CHECK(Contains(c.status().message(), "more than the limit of 1.00 GiB"));
+  // The environment sets the defaults (the pager and Python open bundles too).
+  setenv("FAULTLINE_MAX_EXPANSION", "0", 1);
+  CHECK(BundleReader::Open(p).ok());
+  setenv("FAULTLINE_MAX_SIZE", "8G", 1);
+  CHECK(!BundleReader::Open(p).ok());
+  unsetenv("FAULTLINE_MAX_EXPANSION");
+  unsetenv("FAULTLINE_MAX_SIZE");
+  // A real bundle of 1 GiB or less always opens, whatever it compresses to.
+  std::string small = dir / "small.apbundle";
+  MakeBomb(small, 16);
+  CHECK(BundleReader::Open(small).ok());
+}
+
+TEST_CASE("names safetensors or unpack cannot write back are refused at pack and at open") {
+  TempDir dir;
+  BundleBuilder b;
+  b.AddModel("m").AddTensor("__metadata__", DType::kU8, {4}, kFourBytes);
+  auto r = b.Build(dir / "x.apbundle");
+  REQUIRE(!r.ok());
+  CHECK(Contains(r.status().message(), "'__metadata__' is reserved"));
+  std::string p = MakeGood(dir);
+  RewriteManifest(p, [](json& j) { j["models"][0]["tensors"][0]["name"] = "__metadata__"; });
+  CHECK(Contains(OpenError(p), "'__metadata__' is reserved"));
+  // Model names: unpack writes <name>.safetensors, a file name of 255 bytes at most.
+  BundleBuilder ok;
+  ok.AddModel(std::string(243, 'n')).AddTensor("t", DType::kU8, {1}, kOneByte);
+  CHECK(ok.Build(dir / "243.apbundle").ok());
+  for (size_t len : {244, 255}) {
+    p = MakeGood(dir, "n" + std::to_string(len) + ".apbundle");
+    RewriteManifest(p, [&](json& j) { j["models"][0]["name"] = std::string(len, 'n'); });
+    CHECK(Contains(OpenError(p), "model name must be 1-243 bytes"));
+  }
+  // Control characters, C1 included (U+009B is a terminal's CSI).
+  p = MakeGood(dir, "c1.apbundle");
+  RewriteManifest(p, [](json& j) { j["models"][0]["name"] = "m\xc2\x9b" "2J"; });
+  CHECK(Contains(OpenError(p), "C1 control character"));
+  p = MakeGood(dir, "c1t.apbundle");
+  RewriteManifest(p, [](json& j) { j["models"][0]["tensors"][0]["name"] = "t\x1b[2J"; });
+  CHECK(Contains(OpenError(p), "control character"));
 }
 
 TEST_CASE("random corruption anywhere never crashes the reader") {

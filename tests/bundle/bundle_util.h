@@ -99,6 +99,42 @@ inline void RewriteHeader(const std::string& path, const std::function<void(inte
   WriteFileBytes(path, file);
 }
 
+// A decompression bomb: a bundle of one tensor `copies` x 64 MiB of zeros,
+// all its frames one stored frame of a few KiB (valid checksums).
+inline void MakeBomb(const std::string& path, uint64_t copies) {
+  TensorOptions o;
+  o.page_size = 64u << 20;
+  Spec z{"zeros", DType::kU8, {64u << 20}, o, std::vector<std::byte>(64u << 20)};
+  BundleBuilder b;
+  b.AddModel("m").AddTensor(z.name, z.dtype, z.shape, z.data, z.options);
+  if (!b.Build(path).ok()) throw std::runtime_error("cannot build the bomb's seed");
+  auto file = ReadFileBytes(path);
+  internal::Header h = ReadHeader(file);
+  std::vector<std::byte> rec(file.begin() + h.frame_table_offset,
+                             file.begin() + h.frame_table_offset + internal::kFrameRecordSize);
+  auto j = nlohmann::json::parse(std::string(reinterpret_cast<const char*>(file.data()) + h.manifest_offset,
+                                             h.manifest_length));
+  auto& t = j["models"][0]["tensors"][0];
+  t["shape"] = {copies << 26};
+  t["size"] = copies << 26;
+  t["frames"] = {0, copies};
+  std::string text = j.dump();
+  file.resize(h.frame_table_offset);
+  for (uint64_t i = 0; i < copies; i++) file.insert(file.end(), rec.begin(), rec.end());
+  h.frame_count = copies;
+  h.frame_table_checksum = internal::Checksum64(file.data() + h.frame_table_offset, copies * rec.size());
+  file.resize(internal::AlignUp(file.size(), internal::kAlign));
+  h.manifest_offset = file.size();
+  h.manifest_length = text.size();
+  h.manifest_checksum = internal::Checksum64(text.data(), text.size());
+  file.insert(file.end(), reinterpret_cast<const std::byte*>(text.data()),
+              reinterpret_cast<const std::byte*>(text.data()) + text.size());
+  file.resize(internal::AlignUp(file.size(), internal::kAlign));
+  h.file_size = file.size();
+  PutHeader(file, h);
+  WriteFileBytes(path, file);
+}
+
 inline internal::FrameRecord FrameAt(const std::string& path, uint64_t index) {
   auto file = ReadFileBytes(path);
   internal::Header h = ReadHeader(file);

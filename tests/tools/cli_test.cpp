@@ -9,6 +9,8 @@
 using namespace faultline;
 using namespace faultline::test;
 
+static const std::vector<std::byte> kOneByte(1), kFourBytes(4);  // outlive every Build
+
 namespace {
 
 std::string Cli() {
@@ -166,4 +168,82 @@ TEST_CASE("runtime failures exit 1 with the file and the problem") {
   CHECK(dir.List().size() == 1);  // no bundle and no temporary left
   r = F("verify " + (dir / "junk.safetensors"));
   CHECK(r.status == 1);
+}
+
+TEST_CASE("limits: a decompression bomb is refused by inspect, verify and unpack, and unpack checks for room") {
+  TempDir dir;
+  std::string bomb = dir / "bomb.apbundle";
+  MakeBomb(bomb, 16384);  // 1 TiB declared
+  for (const char* cmd : {"inspect", "verify"}) {
+    auto r = F(std::string(cmd) + " " + bomb);
+    INFO(cmd << ": " << r.out);
+    CHECK(r.status == 1);
+    CHECK(r.out.find("bomb.apbundle") != std::string::npos);
+    CHECK(r.out.find("decompression bomb") != std::string::npos);
+  }
+  auto r = F("inspect " + bomb + " --max-expansion 0");
+  CHECK(r.status == 0);
+  r = F("inspect " + bomb + " --max-expansion 0 --max-size 1G");
+  CHECK(r.status == 1);
+  CHECK(r.out.find("more than the limit of 1.00 GiB") != std::string::npos);
+  r = F("inspect " + bomb + " --max-size lots");
+  CHECK(r.status == 2);
+  // Lifted, unpack still refuses to fill the disk: it checks for room first.
+  r = F("unpack " + bomb + " --max-expansion 0 -o " + (dir / "out"));
+  INFO(r.out);
+  CHECK(r.status == 1);
+  CHECK(r.out.find("needs 1.00 TiB") != std::string::npos);
+  CHECK(TempDir::Count(dir / "out") == 0);
+  auto h = F("unpack --help");
+  CHECK(h.out.find("--max-expansion") != std::string::npos);
+}
+
+TEST_CASE("pack refuses a --config that is not a regular file and an output that is its input") {
+  TempDir dir;
+  std::string st = MakeSafetensorsFile(dir);
+  auto r = F("pack " + st + " -o " + (dir / "a.apbundle") + " --config " + dir.path());
+  CHECK(r.status == 1);
+  CHECK(r.out.find("is not a regular file") != std::string::npos);
+  r = F("pack " + st + " -o " + (dir / "a.apbundle") + " --config /dev/zero");
+  CHECK(r.status == 1);
+  CHECK(r.out.find("/dev/zero' is not a regular file") != std::string::npos);
+  auto before = ReadFileBytes(st);
+  r = F("pack " + st + " -o " + st);
+  CHECK(r.status == 2);
+  CHECK(r.out.find("it would be replaced") != std::string::npos);
+  CHECK(ReadFileBytes(st) == before);
+}
+
+TEST_CASE("inspect shows control characters from a bundle escaped, never raw") {
+  TempDir dir;
+  std::string p = dir / "esc.apbundle";
+  BundleBuilder b;
+  ModelMetadata md;
+  md.description = std::string("title \x1b]0;owned\x07 clear \x1b[2J nul \0 after", 41);
+  md.author = "c1 \xc2\x9b" "31m";
+  b.AddModel("m").SetMetadata(md).AddTensor("t", DType::kU8, {1}, kOneByte);
+  REQUIRE(b.Build(p).ok());
+  auto r = F("inspect " + p);
+  CHECK(r.status == 0);
+  CHECK(r.out.find('\x1b') == std::string::npos);
+  CHECK(r.out.find('\x07') == std::string::npos);
+  CHECK(r.out.find("\xc2\x9b") == std::string::npos);
+  CHECK(r.out.find("\\x1b]0;owned\\x07 clear \\x1b[2J nul \\x00 after") != std::string::npos);
+  CHECK(r.out.find("c1 \\x9b31m") != std::string::npos);
+}
+
+TEST_CASE("unpack errors name the bundle, and an output directory that cannot be made says why") {
+  TempDir dir;
+  TensorOptions o;
+  o.page_size = 4096;
+  std::string p = dir / "c.apbundle";
+  REQUIRE(BuildBundle(p, "m", {MakeSpec("w", DType::kF32, {4000}, o, 1)}).ok());
+  CorruptFrame(p, 1, std::byte{0x40});
+  auto r = F("unpack " + p + " -o " + (dir / "out"));
+  CHECK(r.status == 1);
+  CHECK(r.out.find("c.apbundle") != std::string::npos);
+  CHECK(r.out.find("frame 1") != std::string::npos);
+  r = F("unpack " + p + " -o /proc/faultline-test");
+  CHECK(r.status == 1);
+  CHECK(r.out.find("its parent '/proc' exists but takes no new directory") != std::string::npos);
 }
