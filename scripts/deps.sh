@@ -5,7 +5,7 @@
 set -euo pipefail
 
 packages=(
-  g++ meson ninja-build pkg-config cmake ccache
+  g++ meson ninja-build pkg-config cmake ccache sqlite3
   liburing-dev libzstd-dev libuv1-dev libxxhash-dev nlohmann-json3-dev python3-numpy
   doctest-dev libbenchmark-dev libopenblas-dev
   python3-dev python3-venv pybind11-dev python3-torch python3-pytest

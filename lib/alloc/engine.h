@@ -99,6 +99,9 @@ class AllocEngine {
   // stays); MADV_COLD makes them the next to go. Anything else goes to the
   // kernel.
   int Advise(void* addr, size_t len, int advice) noexcept;
+  // Whether system calls that touch spilled or untouched chunks wait for
+  // them (userfaultfd without UFFD_USER_MODE_ONLY) or fail with EFAULT.
+  bool KernelFaults() const noexcept { return uffd_->features().kernel_faults; }
   AllocStats stats() const noexcept;
   // Sums what the chunks of [addr, addr + len) hold; bytes outside every
   // block count nowhere.

@@ -105,8 +105,12 @@ AllocEngine* TheHeap() noexcept {
   if (e.ok()) {
     g_heap.store(e->release(), std::memory_order_release);  // lives until exit
     if (verbose)
-      fprintf(stderr, "faultline: managed memory on: budget %s, threshold %s, spill codec %s\n",
-              FormatSize(c.budget).c_str(), FormatSize(c.threshold).c_str(), c.zstd_level ? "zstd" : "raw");
+      fprintf(stderr,
+              "faultline: managed memory on: budget %s, threshold %s, spill codec %s, system calls on spilled "
+              "memory %s\n",
+              FormatSize(c.budget).c_str(), FormatSize(c.threshold).c_str(), c.zstd_level ? "zstd" : "raw",
+              g_heap.load()->KernelFaults() ? "served (kernel-mode faults)"
+                                            : "fail with EFAULT (user-mode faults only)");
     if (OptionFlag(OptionId::kShowStats)) atexit(PrintHeapStats);
   } else {
     // Said once whether verbose or not: a program under the shim that gets

@@ -46,21 +46,33 @@ struct uffdio_poison {
 
 namespace faultline::internal {
 
-Result<Uffd> Uffd::Open() {
-  int flags = O_CLOEXEC | O_NONBLOCK;
-  int fd = static_cast<int>(syscall(SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY));
-  if (fd < 0 && (errno == EINVAL || errno == EPERM)) {
-    // Kernels before 5.11 lack UFFD_USER_MODE_ONLY; some systems allow
-    // userfaultfd only through the device node.
-    fd = static_cast<int>(syscall(SYS_userfaultfd, flags));
-    if (fd < 0) {
-      int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
-      if (dev >= 0) {
-        fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
-        close(dev);
-      }
+namespace {
+
+// A descriptor that serves faults from the kernel too where this process
+// may have one (CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1, or access to
+// /dev/userfaultfd), and a user-mode-only one otherwise (allowed to every
+// process since 5.11, but a system call touching a missing page then fails
+// with EFAULT instead of waiting for it). -1 with errno where none.
+int OpenDescriptor(int flags, bool* kernel_faults) {
+  int fd = static_cast<int>(syscall(SYS_userfaultfd, flags));
+  if (fd < 0) {
+    int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+    if (dev >= 0) {
+      fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);
+      close(dev);
     }
   }
+  *kernel_faults = fd >= 0;
+  if (fd < 0) fd = static_cast<int>(syscall(SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY));
+  return fd;
+}
+
+}  // namespace
+
+Result<Uffd> Uffd::Open() {
+  int flags = O_CLOEXEC | O_NONBLOCK;
+  bool kernel = false;
+  int fd = OpenDescriptor(flags, &kernel);
   if (fd < 0) return Status::Error(errno ? errno : EPERM, "userfaultfd is not available");
   Uffd u;
   u.fd_.reset(fd);
@@ -77,11 +89,11 @@ Result<Uffd> Uffd::Open() {
       u.features_.poison = (api.features & UFFD_FEATURE_POISON) != 0;
       u.features_.thread_id = (api.features & UFFD_FEATURE_THREAD_ID) != 0;
       u.features_.wp = (api.features & UFFD_FEATURE_PAGEFAULT_FLAG_WP) != 0;
+      u.features_.kernel_faults = kernel;
       return u;
     }
     // A failed handshake leaves the fd unusable: open a fresh one.
-    int nfd = static_cast<int>(syscall(SYS_userfaultfd, flags | UFFD_USER_MODE_ONLY));
-    if (nfd < 0) nfd = static_cast<int>(syscall(SYS_userfaultfd, flags));
+    int nfd = OpenDescriptor(flags, &kernel);
     if (nfd < 0) return Status::Error(errno, "userfaultfd handshake failed");
     u.fd_.reset(nfd);
     fd = nfd;

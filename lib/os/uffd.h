@@ -18,6 +18,10 @@ struct UffdFeatures {
   bool poison = false;     // UFFDIO_POISON (kernel >= 6.6)
   bool thread_id = false;  // faulting thread id in messages
   bool wp = false;         // write-protect faults on anonymous memory (kernel >= 5.7)
+  // Faults raised inside the kernel (read(2) into the range, copy_to_user
+  // and copy_from_user of any system call) come to the handler too; false
+  // for a UFFD_USER_MODE_ONLY descriptor, where they fail with EFAULT.
+  bool kernel_faults = false;
 };
 
 class Uffd {

@@ -179,9 +179,13 @@ Result<std::unique_ptr<PagedBundle>> PagedBundle::Open(const std::string& path, 
   LiveAdd(b.get());
   if (OptionFlag(OptionId::kShowStats)) TrackOpen(b.get());
   if (OptionFlag(OptionId::kVerbose))
-    fprintf(stderr, "faultline: %s paged in %s mode, budget %s, huge units %s\n", path.c_str(),
-            PagingModeName(b->impl_->engine->mode()), FormatSize(b->impl_->engine->Stats().budget_bytes).c_str(),
-            b->impl_->engine->HugeUnits() ? "on" : "off");
+    fprintf(stderr,
+            "faultline: %s paged in %s mode, budget %s, huge units %s, system calls on unloaded pages %s\n",
+            path.c_str(), PagingModeName(b->impl_->engine->mode()),
+            FormatSize(b->impl_->engine->Stats().budget_bytes).c_str(), b->impl_->engine->HugeUnits() ? "on" : "off",
+            b->impl_->engine->mode() == PagingMode::kMmap ? "served (page cache)"
+            : b->impl_->engine->KernelFaults()            ? "served (kernel-mode faults)"
+                                                          : "fail with EFAULT (user-mode faults only)");
   return b;
 }
 

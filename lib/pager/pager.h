@@ -119,6 +119,10 @@ class Engine {
 
   const BundleInfo& info() const { return reader_->info(); }
   PagingMode mode() const { return mode_; }
+  // Whether a system call that touches a missing page waits for it (true)
+  // or fails with EFAULT: userfaultfd without UFFD_USER_MODE_ONLY; guard
+  // mode and a user-mode-only descriptor cannot serve those faults.
+  bool KernelFaults() const { return uffd_ && uffd_->features().kernel_faults; }
   // Whether whole huge pages are installed by UFFDIO_MOVE (see above).
   bool HugeUnits() const { return units_.load(std::memory_order_relaxed); }
   std::byte* TensorBase(uint32_t t) const { return tensors_[t].base; }

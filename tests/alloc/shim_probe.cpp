@@ -7,6 +7,9 @@
 //                      copy) and a fork + exec; every byte checked
 //   denied             seccomp denies userfaultfd first: everything must
 //                      still work (from the system allocator)
+//   syscalls FILE      system calls that write into and read from managed
+//                      memory never touched or spilled: read, pread, readv,
+//                      recv from a socketpair, fread, write, send, writev
 //   replay             a recorded sequence of allocation calls (growth
 //                      chains, every alignment rule, absurd sizes), one
 //                      line of results each; the same run with and without
@@ -18,7 +21,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -396,6 +402,90 @@ void Replay() {
   }
 }
 
+// ---- syscalls: the kernel touching managed memory ----
+
+int Syscalls(const char* path) {
+  // The source: 24 MiB of known bytes in a file.
+  const size_t n = 24 << 20;
+  {
+    FILE* f = fopen(path, "wb");
+    if (!f) return 3;
+    for (size_t i = 0; i < n; i += 4096) {
+      unsigned char page[4096];
+      for (size_t k = 0; k < 4096; k++) page[k] = static_cast<unsigned char>((i + k) * 131 >> 5);
+      fwrite(page, 1, 4096, f);
+    }
+    fclose(f);
+  }
+  auto good = [&](const unsigned char* p, size_t len, size_t at) {
+    for (size_t k = 0; k < len; k += 509)
+      if (p[k] != static_cast<unsigned char>((at + k) * 131 >> 5)) return false;
+    return p[len - 1] == static_cast<unsigned char>((at + len - 1) * 131 >> 5);
+  };
+  int fd = open(path, O_RDONLY);
+  if (fd < 0) return 3;
+  // Fresh blocks, never touched: the kernel's copy_to_user takes the fault.
+  auto* a = static_cast<unsigned char*>(malloc(n));
+  ssize_t got = 0;
+  for (size_t off = 0; off < n; off += got) {
+    got = read(fd, a + off, std::min<size_t>(1 << 20, n - off));
+    if (got <= 0) {
+      fprintf(stderr, "shim_probe: read into managed memory: %s\n", strerror(errno));
+      return 4;
+    }
+  }
+  EXPECT(good(a, n, 0));
+  auto* b = static_cast<unsigned char*>(malloc(n));
+  EXPECT(pread(fd, b, n, 0) == static_cast<ssize_t>(n));
+  EXPECT(good(b, n, 0));
+  auto* c = static_cast<unsigned char*>(malloc(4 << 20));
+  iovec iov[2] = {{c, 1 << 20}, {c + (2 << 20), 2 << 20}};
+  EXPECT(preadv(fd, iov, 2, 4096) == (3 << 20));
+  EXPECT(good(c, 1 << 20, 4096) && good(c + (2 << 20), 2 << 20, 4096 + (1 << 20)));
+  FILE* f = fopen(path, "rb");
+  auto* d = static_cast<unsigned char*>(malloc(8 << 20));
+  EXPECT(f && fread(d, 1, 8 << 20, f) == (8u << 20));
+  EXPECT(good(d, 8 << 20, 0));
+  if (f) fclose(f);
+  // By now a (24 MiB) is mostly spilled under an 8 MiB budget: the
+  // kernel's copy_from_user reads it back for write, send and writev.
+  char out[] = "/tmp/faultline-probe-XXXXXX";
+  int wfd = mkstemp(out);
+  EXPECT(wfd >= 0 && write(wfd, a, n) == static_cast<ssize_t>(n));
+  iovec wv[1] = {{b, n}};
+  EXPECT(pwritev(wfd, wv, 1, n) == static_cast<ssize_t>(n));
+  auto* back = static_cast<unsigned char*>(malloc(2 * n));
+  EXPECT(pread(wfd, back, 2 * n, 0) == static_cast<ssize_t>(2 * n));
+  EXPECT(good(back, n, 0) && good(back + n, n, 0));
+  close(wfd);
+  unlink(out);
+  int sv[2];
+  EXPECT(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+  auto* e = static_cast<unsigned char*>(malloc(4 << 20));
+  std::thread sender([&] {
+    for (size_t off = 0; off < (4u << 20);) {
+      ssize_t k = send(sv[0], a + off, (4 << 20) - off, 0);
+      if (k <= 0) break;
+      off += k;
+    }
+  });
+  size_t have = 0;
+  while (have < (4u << 20)) {
+    ssize_t k = recv(sv[1], e + have, (4 << 20) - have, 0);
+    if (k <= 0) break;
+    have += k;
+  }
+  sender.join();
+  EXPECT(have == (4u << 20) && good(e, 4 << 20, 0));
+  close(sv[0]);
+  close(sv[1]);
+  for (void* p : {static_cast<void*>(a), static_cast<void*>(b), static_cast<void*>(c), static_cast<void*>(d),
+                  static_cast<void*>(e), static_cast<void*>(back)})
+    free(p);
+  close(fd);
+  return g_failures ? 1 : 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -405,6 +495,7 @@ int main(int argc, char** argv) {
     return g_failures ? 1 : 0;
   }
   if (!strcmp(argv[1], "work") && argc >= 4) return Work(strtoull(argv[2], nullptr, 10), atoi(argv[3]));
+  if (!strcmp(argv[1], "syscalls") && argc >= 3) return Syscalls(argv[2]);
   if (!strcmp(argv[1], "replay")) {
     setvbuf(stdout, nullptr, _IOLBF, 0);
     Replay();

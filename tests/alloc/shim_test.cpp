@@ -65,6 +65,15 @@ TEST_CASE("the same allocation calls give the same results, errors and bytes wit
   CHECK(differ == 0);
 }
 
+TEST_CASE("system calls read into and write from managed memory that was never touched or is spilled") {
+  TempDir dir;
+  auto r = Probe("syscalls " + dir / "src.bin", "FAULTLINE_BUDGET=8M FAULTLINE_VERBOSE=1");
+  INFO(r.out);
+  CHECK(r.status == 0);
+  CHECK(r.out.find("system calls on spilled memory served") != std::string::npos);
+  CHECK(r.out.find("spilled 0 ") == std::string::npos);
+}
+
 TEST_CASE("raw spill codec and a small threshold work the same") {
   auto r = Probe("work 64 2", "FAULTLINE_BUDGET=8M FAULTLINE_SPILL_CODEC=raw FAULTLINE_THRESHOLD=64K");
   INFO(r.out);
