@@ -98,25 +98,32 @@ int Help(const char* help) {
   return 0;
 }
 
-// Takes --max-size / --max-expansion at args[i]: 1 taken, 0 not one of
-// these, -1 a bad or missing value.
-int TakeLimit(const std::vector<std::string>& args, size_t& i, ReaderOptions* o) {
+bool IsHelp(const std::string& a) { return a == "-h" || a == "--help"; }
+
+constexpr int kNotCommon = -1, kTaken = -2;
+
+// The options every reading command takes at args[i]: --help (returns 0)
+// and the reader's limits (kTaken; a bad or missing value returns 2);
+// kNotCommon for anything else.
+int TakeCommon(const std::vector<std::string>& args, size_t& i, ReaderOptions* o, const char* help) {
   const std::string& a = args[i];
-  if (a != "--max-size" && a != "--max-expansion") return 0;
-  if (i + 1 >= args.size()) return -1;
-  const std::string& v = args[++i];
+  if (IsHelp(a)) return Help(help);
+  if (a != "--max-size" && a != "--max-expansion") return kNotCommon;
+  bool ok = i + 1 < args.size();
+  const std::string v = ok ? args[++i] : "";
   uint64_t n = 0;
-  if (a == "--max-size") {
-    if (!ParseSize(v, &n)) return -1;
+  if (ok && a == "--max-size") {
+    ok = ParseSize(v, &n);
     o->max_size = n;
-  } else {
+  } else if (ok) {
     char* end = nullptr;
     errno = 0;
     n = strtoull(v.c_str(), &end, 10);
-    if (v.empty() || v[0] < '0' || v[0] > '9' || *end != '\0' || errno) return -1;
+    ok = !v.empty() && v[0] >= '0' && v[0] <= '9' && *end == '\0' && errno == 0;
     o->max_expansion = n;
   }
-  return 1;
+  if (!ok) return Usage((a + " needs a size (--max-size) or an integer (--max-expansion)").c_str(), help);
+  return kTaken;
 }
 
 // A string from a bundle, safe for a terminal: control characters (C0,
@@ -147,7 +154,6 @@ int Error(const Status& s) {
   return 1;
 }
 
-bool IsHelp(const std::string& a) { return a == "-h" || a == "--help"; }
 
 // A progress bar on stderr when it is a terminal.
 class Progress {
@@ -366,10 +372,8 @@ int Inspect(const std::vector<std::string>& args) {
   ReaderOptions ro;
   for (size_t i = 0; i < args.size(); i++) {
     const std::string& a = args[i];
-    if (int l = TakeLimit(args, i, &ro)) {
-      if (l < 0) return Usage((a + " needs a size (--max-size) or an integer (--max-expansion)").c_str(), kInspectHelp);
-    } else if (IsHelp(a)) {
-      return Help(kInspectHelp);
+    if (int c = TakeCommon(args, i, &ro, kInspectHelp); c != kNotCommon) {
+      if (c != kTaken) return c;
     } else if (a == "--json") {
       as_json = true;
     } else if (!a.empty() && a[0] == '-') {
@@ -468,10 +472,8 @@ int Verify(const std::vector<std::string>& args) {
   ReaderOptions ro;
   for (size_t i = 0; i < args.size(); i++) {
     const std::string& a = args[i];
-    if (int l = TakeLimit(args, i, &ro)) {
-      if (l < 0) return Usage((a + " needs a size (--max-size) or an integer (--max-expansion)").c_str(), kVerifyHelp);
-    } else if (IsHelp(a)) {
-      return Help(kVerifyHelp);
+    if (int c = TakeCommon(args, i, &ro, kVerifyHelp); c != kNotCommon) {
+      if (c != kTaken) return c;
     } else if (a == "-q" || a == "--quiet") {
       quiet = true;
     } else if (!a.empty() && a[0] == '-') {
@@ -506,10 +508,8 @@ int Unpack(const std::vector<std::string>& args) {
   ReaderOptions ro;
   for (size_t i = 0; i < args.size(); i++) {
     const std::string& a = args[i];
-    if (int l = TakeLimit(args, i, &ro)) {
-      if (l < 0) return Usage((a + " needs a size (--max-size) or an integer (--max-expansion)").c_str(), kUnpackHelp);
-    } else if (IsHelp(a)) {
-      return Help(kUnpackHelp);
+    if (int c = TakeCommon(args, i, &ro, kUnpackHelp); c != kNotCommon) {
+      if (c != kTaken) return c;
     } else if (a == "-o" || a == "--output") {
       if (!TakeValue(args, i, &dir)) return Usage("-o needs a directory", kUnpackHelp);
     } else if (a == "--model") {
