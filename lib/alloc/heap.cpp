@@ -109,8 +109,9 @@ AllocEngine* TheHeap() noexcept {
               "faultline: managed memory on: budget %s, threshold %s, spill codec %s, system calls on spilled "
               "memory %s\n",
               FormatSize(c.budget).c_str(), FormatSize(c.threshold).c_str(), c.zstd_level ? "zstd" : "raw",
-              g_heap.load()->KernelFaults() ? "served (kernel-mode faults)"
-                                            : "fail with EFAULT (user-mode faults only)");
+              g_heap.load()->KernelFaults()
+                  ? "served (kernel-mode faults)"
+                  : "served by the shim's wrappers (user-mode faults only; other calls get EFAULT)");
     if (OptionFlag(OptionId::kShowStats)) atexit(PrintHeapStats);
   } else {
     // Said once whether verbose or not: a program under the shim that gets

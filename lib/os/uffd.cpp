@@ -10,6 +10,8 @@
 
 #include <cerrno>
 
+#include "pager/options.h"
+
 #ifndef UFFD_USER_MODE_ONLY
 #define UFFD_USER_MODE_ONLY 1
 #endif
@@ -54,8 +56,13 @@ namespace {
 // process since 5.11, but a system call touching a missing page then fails
 // with EFAULT instead of waiting for it). -1 with errno where none.
 int OpenDescriptor(int flags, bool* kernel_faults) {
-  int fd = static_cast<int>(syscall(SYS_userfaultfd, flags));
-  if (fd < 0) {
+  static const bool want_kernel = [] {
+    bool on = true;
+    OptionFlag(OptionId::kKernelFaults, &on);
+    return on;
+  }();
+  int fd = want_kernel ? static_cast<int>(syscall(SYS_userfaultfd, flags)) : -1;
+  if (fd < 0 && want_kernel) {
     int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
     if (dev >= 0) {
       fd = ioctl(dev, USERFAULTFD_IOC_NEW, flags);

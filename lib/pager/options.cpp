@@ -40,6 +40,7 @@ constexpr OptionSpec kOptions[] = {
     {"FAULTLINE_SPILL_CODEC", "zstd[:level]|raw", "zstd:1", "how spilled chunks are stored"},
     {"FAULTLINE_MAX_EXPANSION", "integer", "4096", "a bundle may declare at most this many times its file size in tensors and blobs (at least 1 GiB; 0 = no limit)"},
     {"FAULTLINE_MAX_SIZE", "size", "no limit", "a bundle may declare at most this many bytes of tensors and blobs"},
+    {"FAULTLINE_KERNEL_FAULTS", "flag", "1", "0: open userfaultfd for user-mode faults only, as an unprivileged process gets it"},
 };
 static_assert(sizeof(kOptions) / sizeof(kOptions[0]) == static_cast<int>(OptionId::kCount));
 

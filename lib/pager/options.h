@@ -17,6 +17,8 @@ enum class OptionId : int {
   kThreshold, kSpillDir, kSpillCodec,
   // Reading bundles (include/faultline/bundle.hpp: ReaderOptions).
   kMaxExpansion, kMaxSize,
+  // userfaultfd (lib/os/uffd.cpp).
+  kKernelFaults,
   kCount
 };
 

@@ -10,7 +10,10 @@
 #include <malloc.h>
 #include <stdint.h>
 #include <string.h>
+#include <stdio.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <new>
@@ -25,6 +28,8 @@ void* __libc_realloc(void*, size_t);
 void __libc_free(void*);
 void* __libc_memalign(size_t, size_t);
 }
+
+#define FL_EXPORT __attribute__((visibility("default")))
 
 namespace {
 
@@ -233,7 +238,6 @@ void* NewNoThrow(size_t size, size_t alignment) noexcept {
 
 }  // namespace
 
-#define FL_EXPORT __attribute__((visibility("default")))
 FL_EXPORT void* operator new(size_t n) { return NewOrThrow(n, 0); }
 FL_EXPORT void* operator new[](size_t n) { return NewOrThrow(n, 0); }
 FL_EXPORT void* operator new(size_t n, const std::nothrow_t&) noexcept { return NewNoThrow(n, 0); }
@@ -258,3 +262,291 @@ FL_EXPORT void operator delete(void* p, const std::nothrow_t&) noexcept { free(p
 FL_EXPORT void operator delete[](void* p, const std::nothrow_t&) noexcept { free(p); }
 FL_EXPORT void operator delete(void* p, std::align_val_t, const std::nothrow_t&) noexcept { free(p); }
 FL_EXPORT void operator delete[](void* p, std::align_val_t, const std::nothrow_t&) noexcept { free(p); }
+
+// ---- System calls on managed memory where faults raised inside the kernel
+// are not served (a user-mode-only userfaultfd: an unprivileged process
+// without CAP_SYS_PTRACE or /dev/userfaultfd). There the kernel's
+// copy_to_user/copy_from_user on a spilled or untouched chunk fails with
+// EFAULT. These wrappers touch the buffer from user space first (a write
+// for what the kernel writes into, so that the chunk is resident and
+// writable; a read for what it reads) in pieces the budget holds, and
+// retry a piece that lost a chunk to eviction in between. Where kernel
+// faults are served (FAULTLINE_VERBOSE says which) they only pass through.
+// Raw syscall(2) and io_uring are not covered (README).
+namespace {
+
+constexpr size_t kPiece = 1 << 20;  // bytes touched and passed to the kernel at once
+constexpr int kRetries = 16;
+
+// The heap whose managed memory [p, +n) overlaps and cannot be faulted
+// from the kernel, or nullptr (the common case: one load and a compare).
+inline AllocEngine* NeedsTouch(const void* p, size_t n) noexcept {
+  AllocEngine* h = faultline::internal::RunningHeap();
+  if (!h || n == 0 || h->KernelFaults() || InsideEngine()) return nullptr;
+  auto a = static_cast<const char*>(p);
+  return h->Owns(a) || h->Owns(a + n - 1) ? h : nullptr;
+}
+
+void Touch(void* p, size_t n, bool for_kernel_write) noexcept {
+  auto* c = static_cast<volatile char*>(p);
+  uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (uintptr_t at = a; at < a + n; at = (at & ~uintptr_t{4095}) + 4096) {
+    size_t i = at - a;
+    if (for_kernel_write) c[i] = c[i];
+    else (void)c[i];
+  }
+}
+
+// Runs `call(piece, len, done)` over [p, +n) in touched pieces; returns
+// the bytes moved, or -1 with errno when the first piece fails. Stops at a
+// short transfer, as the caller's own loop would.
+template <typename Call>
+ssize_t InPieces(void* p, size_t n, bool into, Call call) noexcept {
+  auto* b = static_cast<char*>(p);
+  size_t done = 0;
+  while (done < n) {
+    size_t len = n - done < kPiece ? n - done : kPiece;
+    ssize_t r = -1;
+    for (int k = 0; k < kRetries; k++) {
+      Touch(b + done, len, into);
+      r = call(b + done, len, done);
+      if (!(r < 0 && errno == EFAULT)) break;
+    }
+    if (r < 0) return done ? static_cast<ssize_t>(done) : -1;
+    done += static_cast<size_t>(r);
+    if (static_cast<size_t>(r) < len) break;
+  }
+  return static_cast<ssize_t>(done);
+}
+
+// Vector calls: every buffer touched, then one call (its atomicity kept),
+// retried while a buffer lost a chunk in between.
+template <typename Call>
+ssize_t Vectored(const iovec* iov, int cnt, bool into, Call call) noexcept {
+  ssize_t r = -1;
+  for (int k = 0; k < kRetries; k++) {
+    for (int i = 0; i < cnt; i++)
+      if (NeedsTouch(iov[i].iov_base, iov[i].iov_len)) Touch(iov[i].iov_base, iov[i].iov_len, into);
+    r = call();
+    if (!(r < 0 && errno == EFAULT)) break;
+  }
+  return r;
+}
+
+bool AnyManaged(const iovec* iov, int cnt) noexcept {
+  for (int i = 0; i < cnt && iov; i++)
+    if (NeedsTouch(iov[i].iov_base, iov[i].iov_len)) return true;
+  return false;
+}
+
+// Vector calls on files: buffer by buffer in touched pieces (a vector
+// larger than the budget cannot be touched whole), stopping at a short one.
+template <typename One>
+ssize_t EachBuffer(const iovec* iov, int cnt, bool into, One one) noexcept {
+  ssize_t total = 0;
+  for (int i = 0; i < cnt; i++) {
+    size_t len = iov[i].iov_len;
+    ssize_t r = InPieces(iov[i].iov_base, len, into, [&](char* p, size_t l, size_t done) {
+      return one(p, l, static_cast<size_t>(total) + done);
+    });
+    if (r < 0) return total ? total : -1;
+    total += r;
+    if (static_cast<size_t>(r) < len) break;
+  }
+  return total;
+}
+
+#define FL_NEXT(name, ...) static auto next_##name = Next<__VA_ARGS__>(#name)
+
+}  // namespace
+
+extern "C" {
+
+FL_EXPORT ssize_t read(int fd, void* buf, size_t n) {
+  FL_NEXT(read, ssize_t (*)(int, void*, size_t));
+  if (!NeedsTouch(buf, n)) return next_read(fd, buf, n);
+  return InPieces(buf, n, true, [&](char* p, size_t len, size_t) { return next_read(fd, p, len); });
+}
+
+// meson builds with _FILE_OFFSET_BITS=64, where the headers rename pread
+// to pread64 and so on: each symbol is defined by its own name here.
+FL_EXPORT ssize_t FlPread(int fd, void* buf, size_t n, off_t off) __asm__("pread");
+FL_EXPORT ssize_t FlPread64(int fd, void* buf, size_t n, off_t off) __asm__("pread64");
+FL_EXPORT ssize_t FlPwrite(int fd, const void* buf, size_t n, off_t off) __asm__("pwrite");
+FL_EXPORT ssize_t FlPwrite64(int fd, const void* buf, size_t n, off_t off) __asm__("pwrite64");
+FL_EXPORT ssize_t FlPreadv(int fd, const iovec* iov, int cnt, off_t off) __asm__("preadv");
+FL_EXPORT ssize_t FlPreadv64(int fd, const iovec* iov, int cnt, off_t off) __asm__("preadv64");
+FL_EXPORT ssize_t FlPwritev(int fd, const iovec* iov, int cnt, off_t off) __asm__("pwritev");
+FL_EXPORT ssize_t FlPwritev64(int fd, const iovec* iov, int cnt, off_t off) __asm__("pwritev64");
+
+FL_EXPORT ssize_t FlPread(int fd, void* buf, size_t n, off_t off) {
+  FL_NEXT(pread, ssize_t (*)(int, void*, size_t, off_t));
+  if (!NeedsTouch(buf, n)) return next_pread(fd, buf, n, off);
+  return InPieces(buf, n, true, [&](char* p, size_t len, size_t done) {
+    return next_pread(fd, p, len, off + static_cast<off_t>(done));
+  });
+}
+FL_EXPORT ssize_t FlPread64(int fd, void* buf, size_t n, off_t off) { return FlPread(fd, buf, n, off); }
+
+FL_EXPORT ssize_t write(int fd, const void* buf, size_t n) {
+  FL_NEXT(write, ssize_t (*)(int, const void*, size_t));
+  if (!NeedsTouch(buf, n)) return next_write(fd, buf, n);
+  return InPieces(const_cast<void*>(buf), n, false, [&](char* p, size_t len, size_t) { return next_write(fd, p, len); });
+}
+
+FL_EXPORT ssize_t FlPwrite(int fd, const void* buf, size_t n, off_t off) {
+  FL_NEXT(pwrite, ssize_t (*)(int, const void*, size_t, off_t));
+  if (!NeedsTouch(buf, n)) return next_pwrite(fd, buf, n, off);
+  return InPieces(const_cast<void*>(buf), n, false, [&](char* p, size_t len, size_t done) {
+    return next_pwrite(fd, p, len, off + static_cast<off_t>(done));
+  });
+}
+FL_EXPORT ssize_t FlPwrite64(int fd, const void* buf, size_t n, off_t off) { return FlPwrite(fd, buf, n, off); }
+
+FL_EXPORT ssize_t recv(int fd, void* buf, size_t n, int flags) {
+  FL_NEXT(recv, ssize_t (*)(int, void*, size_t, int));
+  if (!NeedsTouch(buf, n)) return next_recv(fd, buf, n, flags);
+  // One piece only: a socket that gave less than asked may have no more.
+  size_t len = n < kPiece ? n : kPiece;
+  return InPieces(buf, len, true, [&](char* p, size_t l, size_t) { return next_recv(fd, p, l, flags); });
+}
+
+FL_EXPORT ssize_t recvfrom(int fd, void* buf, size_t n, int flags, sockaddr* addr, socklen_t* alen) {
+  FL_NEXT(recvfrom, ssize_t (*)(int, void*, size_t, int, sockaddr*, socklen_t*));
+  if (!NeedsTouch(buf, n)) return next_recvfrom(fd, buf, n, flags, addr, alen);
+  // Datagrams cannot be split: the whole buffer, touched, in one call.
+  iovec v = {buf, n};
+  return Vectored(&v, 1, true, [&] { return next_recvfrom(fd, buf, n, flags, addr, alen); });
+}
+
+FL_EXPORT ssize_t send(int fd, const void* buf, size_t n, int flags) {
+  FL_NEXT(send, ssize_t (*)(int, const void*, size_t, int));
+  if (!NeedsTouch(buf, n)) return next_send(fd, buf, n, flags);
+  return InPieces(const_cast<void*>(buf), n, false, [&](char* p, size_t len, size_t) { return next_send(fd, p, len, flags); });
+}
+
+FL_EXPORT ssize_t sendto(int fd, const void* buf, size_t n, int flags, const sockaddr* addr, socklen_t alen) {
+  FL_NEXT(sendto, ssize_t (*)(int, const void*, size_t, int, const sockaddr*, socklen_t));
+  if (!NeedsTouch(buf, n)) return next_sendto(fd, buf, n, flags, addr, alen);
+  iovec v = {const_cast<void*>(buf), n};
+  return Vectored(&v, 1, false, [&] { return next_sendto(fd, buf, n, flags, addr, alen); });
+}
+
+FL_EXPORT ssize_t readv(int fd, const iovec* iov, int cnt) {
+  FL_NEXT(readv, ssize_t (*)(int, const iovec*, int));
+  if (!AnyManaged(iov, cnt)) return next_readv(fd, iov, cnt);
+  return EachBuffer(iov, cnt, true, [&](char* p, size_t l, size_t) { return read(fd, p, l); });
+}
+
+FL_EXPORT ssize_t writev(int fd, const iovec* iov, int cnt) {
+  FL_NEXT(writev, ssize_t (*)(int, const iovec*, int));
+  if (!AnyManaged(iov, cnt)) return next_writev(fd, iov, cnt);
+  return EachBuffer(iov, cnt, false, [&](char* p, size_t l, size_t) { return write(fd, p, l); });
+}
+
+FL_EXPORT ssize_t FlPreadv(int fd, const iovec* iov, int cnt, off_t off) {
+  FL_NEXT(preadv, ssize_t (*)(int, const iovec*, int, off_t));
+  if (!AnyManaged(iov, cnt)) return next_preadv(fd, iov, cnt, off);
+  return EachBuffer(iov, cnt, true, [&](char* p, size_t l, size_t done) {
+    return FlPread(fd, p, l, off + static_cast<off_t>(done));
+  });
+}
+FL_EXPORT ssize_t FlPreadv64(int fd, const iovec* iov, int cnt, off_t off) { return FlPreadv(fd, iov, cnt, off); }
+
+FL_EXPORT ssize_t FlPwritev(int fd, const iovec* iov, int cnt, off_t off) {
+  FL_NEXT(pwritev, ssize_t (*)(int, const iovec*, int, off_t));
+  if (!AnyManaged(iov, cnt)) return next_pwritev(fd, iov, cnt, off);
+  return EachBuffer(iov, cnt, false, [&](char* p, size_t l, size_t done) {
+    return FlPwrite(fd, p, l, off + static_cast<off_t>(done));
+  });
+}
+FL_EXPORT ssize_t FlPwritev64(int fd, const iovec* iov, int cnt, off_t off) { return FlPwritev(fd, iov, cnt, off); }
+
+FL_EXPORT ssize_t recvmsg(int fd, msghdr* msg, int flags) {
+  FL_NEXT(recvmsg, ssize_t (*)(int, msghdr*, int));
+  if (!msg || !AnyManaged(msg->msg_iov, static_cast<int>(msg->msg_iovlen))) return next_recvmsg(fd, msg, flags);
+  return Vectored(msg->msg_iov, static_cast<int>(msg->msg_iovlen), true, [&] { return next_recvmsg(fd, msg, flags); });
+}
+
+FL_EXPORT ssize_t sendmsg(int fd, const msghdr* msg, int flags) {
+  FL_NEXT(sendmsg, ssize_t (*)(int, const msghdr*, int));
+  if (!msg || !AnyManaged(msg->msg_iov, static_cast<int>(msg->msg_iovlen))) return next_sendmsg(fd, msg, flags);
+  return Vectored(msg->msg_iov, static_cast<int>(msg->msg_iovlen), false, [&] { return next_sendmsg(fd, msg, flags); });
+}
+
+}  // extern "C"
+
+namespace {
+
+// stdio moves large transfers straight between the buffer and the file
+// with glibc's internal read/write, which the wrappers above do not see:
+// whole elements per touched piece, so that the count returned is exact.
+template <typename Fn, typename Buf>
+size_t Stdio(Fn next, Buf buf, size_t size, size_t n, FILE* f, bool into) {
+  size_t total;
+  if (size == 0 || __builtin_mul_overflow(size, n, &total) || !NeedsTouch(buf, total)) return next(buf, size, n, f);
+  size_t per = kPiece / size ? kPiece / size : 1, moved = 0;
+  auto* b = static_cast<char*>(const_cast<void*>(static_cast<const void*>(buf)));
+  while (moved < n) {
+    size_t k = n - moved < per ? n - moved : per;
+    Touch(b + moved * size, k * size, into);
+    size_t r = next(b + moved * size, size, k, f);
+    moved += r;
+    if (r < k) break;
+  }
+  return moved;
+}
+
+using ReadFn = size_t (*)(void*, size_t, size_t, FILE*);
+using WriteFn = size_t (*)(const void*, size_t, size_t, FILE*);
+
+}  // namespace
+
+extern "C" {
+
+FL_EXPORT size_t fread(void* buf, size_t size, size_t n, FILE* f) {
+  FL_NEXT(fread, ReadFn);
+  return Stdio(next_fread, buf, size, n, f, true);
+}
+FL_EXPORT size_t fread_unlocked(void* buf, size_t size, size_t n, FILE* f) {
+  FL_NEXT(fread_unlocked, ReadFn);
+  return Stdio(next_fread_unlocked, buf, size, n, f, true);
+}
+FL_EXPORT size_t fwrite(const void* buf, size_t size, size_t n, FILE* f) {
+  FL_NEXT(fwrite, WriteFn);
+  return Stdio(next_fwrite, buf, size, n, f, false);
+}
+FL_EXPORT size_t fwrite_unlocked(const void* buf, size_t size, size_t n, FILE* f) {
+  FL_NEXT(fwrite_unlocked, WriteFn);
+  return Stdio(next_fwrite_unlocked, buf, size, n, f, false);
+}
+
+// _FORTIFY_SOURCE builds (most distribution binaries) call these: glibc's
+// check first (it aborts on an overflow), then the wrapper.
+FL_EXPORT ssize_t __read_chk(int fd, void* buf, size_t n, size_t buflen) {
+  FL_NEXT(__read_chk, ssize_t (*)(int, void*, size_t, size_t));
+  return n > buflen ? next___read_chk(fd, buf, n, buflen) : read(fd, buf, n);
+}
+FL_EXPORT ssize_t __pread64_chk(int fd, void* buf, size_t n, off_t off, size_t buflen) {
+  FL_NEXT(__pread64_chk, ssize_t (*)(int, void*, size_t, off_t, size_t));
+  return n > buflen ? next___pread64_chk(fd, buf, n, off, buflen) : FlPread(fd, buf, n, off);
+}
+FL_EXPORT ssize_t __recv_chk(int fd, void* buf, size_t n, size_t buflen, int flags) {
+  FL_NEXT(__recv_chk, ssize_t (*)(int, void*, size_t, size_t, int));
+  return n > buflen ? next___recv_chk(fd, buf, n, buflen, flags) : recv(fd, buf, n, flags);
+}
+FL_EXPORT size_t __fread_chk(void* buf, size_t buflen, size_t size, size_t n, FILE* f) {
+  FL_NEXT(__fread_chk, size_t (*)(void*, size_t, size_t, size_t, FILE*));
+  size_t total;
+  if (__builtin_mul_overflow(size, n, &total) || total > buflen) return next___fread_chk(buf, buflen, size, n, f);
+  return fread(buf, size, n, f);
+}
+FL_EXPORT size_t __fread_unlocked_chk(void* buf, size_t buflen, size_t size, size_t n, FILE* f) {
+  FL_NEXT(__fread_unlocked_chk, size_t (*)(void*, size_t, size_t, size_t, FILE*));
+  size_t total;
+  if (__builtin_mul_overflow(size, n, &total) || total > buflen)
+    return next___fread_unlocked_chk(buf, buflen, size, n, f);
+  return fread_unlocked(buf, size, n, f);
+}
+
+}  // extern "C"

@@ -4,7 +4,8 @@
 # shim, and their outputs must be byte-identical. Python growing lists,
 # bytearrays and BytesIO and reading and writing files; sqlite3 building an
 # index on a million rows in memory; GNU sort with a 100 MiB buffer on a
-# file larger than the budget; g++ on a large generated source.
+# file larger than the budget; g++ on a large generated source. sort and
+# Python run again with user-mode faults only (FAULTLINE_KERNEL_FAULTS=0).
 # Usage: real_programs.sh PRELOAD.so   (exit 77 where userfaultfd is denied)
 set -euo pipefail
 shim=$1
@@ -87,6 +88,10 @@ fi
 # GNU sort with a 100 MiB buffer: it reads the file into one large block.
 awk 'BEGIN { for (i = 0; i < 600000; i++) printf "row %d %d\n", (i * 7919) % 1000003, i }' > "$work/rows.txt"
 compare sort sort -S 100M "$work/rows.txt"
+# As an unprivileged process gets userfaultfd (user-mode faults only): the
+# shim's wrappers of read, fread_unlocked and friends touch buffers first.
+FAULTLINE_KERNEL_FAULTS=0 compare sort-user-mode sort -S 100M "$work/rows.txt"
+FAULTLINE_KERNEL_FAULTS=0 compare python-user-mode /usr/bin/python3 "$work/grow.py" "$work/py.bin"
 
 # g++ on a large generated source: the object file must be the same.
 awk 'BEGIN {
