@@ -23,6 +23,7 @@
 #include "alloc/guard.h"
 #include "core/checksum.h"
 #include "core/status_macros.h"
+#include "core/tsan.h"
 #include "io/uring.h"
 #include "os/meminfo.h"
 
@@ -532,7 +533,12 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
   uffd_->WriteProtect(at, kChunk, true);
   Scratch& s = ThreadScratch();
   const auto* data = static_cast<const unsigned char*>(at);
+  // The program's writes to the chunk are ordered before these reads by
+  // the write-protect ioctl (a writer now waits for us), which TSan cannot
+  // see: its reads of the chunk are not races.
+  FL_TSAN_IGNORE_READS_BEGIN();
   bool zero = AllZero(data, kChunk);
+  if (zero) FL_TSAN_IGNORE_READS_END();  // (else after the checksum below)
   Status err;
   uint32_t stored = 0;
   uint64_t sum = 0;
@@ -554,6 +560,7 @@ bool AllocEngine::Evict(std::unique_lock<std::mutex>& lk, Chunk* c) {
       }
     }
     sum = Checksum64(src, stored);
+    FL_TSAN_IGNORE_READS_END();
     lk.lock();
     if (try_zstd) blk->raw_run = stored == kChunk ? static_cast<uint8_t>(std::min(blk->raw_run + 1, 255)) : 0;
     placed = PlaceExtent(c, stored, &file, &off);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "core/tsan.h"
 #include "io/file.h"
 
 namespace faultline::internal {
@@ -17,6 +18,12 @@ Result<std::unique_ptr<Ring>> Ring::Create(unsigned depth) {
   r->ring_ = std::make_unique<io_uring>();
   int rc = io_uring_queue_init(depth, r->ring_.get(), 0);
   if (rc < 0) return Status::Error(-rc, "io_uring_queue_init(%u)", depth);
+  // liburing maps the rings with raw system calls: a ring made where an
+  // ended thread's ring was would look to TSan like a race between them.
+  const io_uring& ring = *r->ring_;
+  FL_TSAN_NEW_MEMORY(ring.sq.ring_ptr, ring.sq.ring_sz);
+  FL_TSAN_NEW_MEMORY(ring.cq.ring_ptr, ring.cq.ring_sz);
+  FL_TSAN_NEW_MEMORY(ring.sq.sqes, ring.sq.ring_entries * sizeof(io_uring_sqe));
   r->depth_ = depth;
   return r;
 }
