@@ -150,6 +150,7 @@ Result<std::unique_ptr<AllocEngine>> AllocEngine::Create(const AllocConfig& conf
   ScopedInternal internal_calls;
   std::unique_ptr<AllocEngine> e(new AllocEngine());
   e->config_ = config;
+  e->config_.budget = FitBudgetToCgroup(e->config_.budget, "managed memory");
   if (e->config_.budget < 2 * kChunk) e->config_.budget = 2 * kChunk;
   if (e->config_.workers == 0) e->config_.workers = 1;
   size_t arena = RoundUp(std::max<uint64_t>(config.arena, kChunk), kChunk);

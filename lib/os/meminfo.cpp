@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -106,6 +107,21 @@ bool ReadHostMemory(HostMemory* out) noexcept {
   if (!out->total) return false;
   ReadCgroup(out);
   return true;
+}
+
+uint64_t FitBudgetToCgroup(uint64_t budget, const char* what) noexcept {
+  HostMemory m;
+  if (!ReadHostMemory(&m) || m.cgroup_limit == 0) return budget;
+  uint64_t room = m.cgroup_limit > m.cgroup_usage ? m.cgroup_limit - m.cgroup_usage : 0;
+  uint64_t most = room / 4 * 3;
+  if (budget <= most) return budget;
+  static std::atomic<bool> said{false};
+  if (!said.exchange(true))
+    fprintf(stderr,
+            "faultline: a %s budget of %.1f MiB does not fit in this process's memory cgroup (limit %.1f MiB, "
+            "%.1f MiB in use): using %.1f MiB\n",
+            what, budget / 1048576.0, m.cgroup_limit / 1048576.0, m.cgroup_usage / 1048576.0, most / 1048576.0);
+  return most;
 }
 
 uint64_t TransparentHugePageSize() noexcept {

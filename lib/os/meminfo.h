@@ -25,6 +25,13 @@ struct HostMemory {
 // False when /proc/meminfo cannot be read.
 bool ReadHostMemory(HostMemory* out) noexcept;
 
+// A budget that fits in this process's memory cgroup: at most three
+// quarters of what the cgroup can still take (its limit less its usage,
+// the rest left for memory outside the budget), and `budget` itself where
+// it fits or there is no limit. A budget lowered is said once on stderr,
+// naming `what`, the limit, the usage and the budget used.
+uint64_t FitBudgetToCgroup(uint64_t budget, const char* what) noexcept;
+
 // The transparent huge page size where this process can have anonymous
 // huge pages through MADV_HUGEPAGE and reads of empty huge-page ranges map
 // the huge zero page; else 0 (THP off, no zero page, an unexpected size).

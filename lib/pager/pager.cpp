@@ -143,6 +143,8 @@ Status Engine::Start() {
   // their buffers would pass half the budget. Frames so large that the
   // budget does not hold four are refused: paging them would be reading
   // the whole bundle into memory outside the budget.
+  // A budget the memory cgroup cannot hold would end in the OOM killer.
+  if (config_.mode != PagingMode::kMmap) config_.max_resident = FitBudgetToCgroup(config_.max_resident, "paging");
   batch_ = static_cast<unsigned>(std::clamp<uint64_t>(kBatchBytes / max_page_, 1, kBatch));
   if (config_.mode != PagingMode::kMmap && max_page_ > kBatchBytes / kBatch &&
       config_.max_resident < 4ull * max_page_)

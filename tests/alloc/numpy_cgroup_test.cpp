@@ -69,6 +69,14 @@ TEST_CASE("NumPy on arrays six times a cgroup's memory limit: right under the sh
   CHECK(plain.status == 128 + 9);  // SIGKILL from the cgroup's OOM killer
 }
 
+TEST_CASE("a budget larger than the cgroup can hold is lowered to fit, and said, instead of an OOM kill") {
+  auto r = Python("LD_PRELOAD=" + Env("FAULTLINE_PRELOAD") + " FAULTLINE_BUDGET=4G FAULTLINE_SHOW_STATS=1", true);
+  INFO(r.out);
+  CHECK(r.status == 0);  // 137 (SIGKILL) before: a 4 GiB budget in a 256 MiB cgroup
+  CHECK(r.out.find("does not fit in this process's memory cgroup (limit 256.0 MiB") != std::string::npos);
+  CHECK(r.out.find(Python("", false).out) != std::string::npos);
+}
+
 int main(int argc, char** argv) {
   if (!faultline::internal::UffdAvailable()) {
     fprintf(stderr, "skipped: userfaultfd is not allowed here\n");
