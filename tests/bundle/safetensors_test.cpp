@@ -2,6 +2,8 @@
 // and every malformed header refused with a named error.
 #include <doctest/doctest.h>
 
+#include <fstream>
+
 #include "bundle/bundle_util.h"
 #include "faultline/safetensors.hpp"
 
@@ -160,7 +162,54 @@ TEST_CASE("a safetensors header length over the limit is refused before allocati
 TEST_CASE("a safetensors header that is not JSON or not an object is refused") {
   CHECK(ParseError(RawHeaderFile("{\"a\":", 0)).find("not valid JSON") != std::string::npos);
   CHECK(ParseError(RawHeaderFile("[1,2]", 0)).find("not a JSON object") != std::string::npos);
-  CHECK(ParseError(RawHeaderFile(std::string(5000, '['), 0)).find("nested deeper") != std::string::npos);
+  CHECK(ParseError(RawHeaderFile(std::string(5000, '['), 0)).find("not a JSON object") != std::string::npos);
+  // Deep nesting inside a field the schema does not know is refused too,
+  // without recursion (the header is parsed as a stream of events).
+  CHECK(ParseError(RawHeaderFile("{\"t\":{\"x\":" + std::string(100000, '['), 0)).find("nested deeper") !=
+        std::string::npos);
+  // A tensor named twice, which a DOM would have kept the last of.
+  std::string twice = R"({"t":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"t":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}})";
+  CHECK(ParseError(RawHeaderFile(twice, 0)).find("'t' appears twice") != std::string::npos);
+  // Metadata of millions of entries is refused (each would cost a map node).
+  std::string meta = "{\"__metadata__\":{";
+  for (int i = 0; i < 70000; i++) meta += "\"k" + std::to_string(i) + "\":\"v\",";
+  meta += "\"last\":\"v\"}}";
+  CHECK(ParseError(RawHeaderFile(meta, 0)).find("more than 65536 entries") != std::string::npos);
+  // Unknown fields are skipped, whatever their shape.
+  std::string extra = R"({"t":{"note":{"a":[1,{"b":null}]},"dtype":"U8","shape":[2],"data_offsets":[0,2]},"__metadata__":{"k":"v"}})";
+  CHECK(ParseError(RawHeaderFile(extra, 2)) == "(parsed)");
+}
+
+TEST_CASE("a 100 MiB safetensors header is parsed in a small multiple of its size") {
+  // About 1.5 million empty tensors: a DOM took about seven times the header.
+  std::string header = "{";
+  for (int i = 0; header.size() < (90u << 20); i++)
+    header += "\"model.layers." + std::to_string(i) + ".w\":{\"dtype\":\"U8\",\"shape\":[0],\"data_offsets\":[0,0]},";
+  header += "\"__metadata__\":{\"format\":\"pt\"}}";
+  int status = RunInChild([&] {
+    auto file = RawHeaderFile(header, 0);
+    auto kb = [](const char* field) {
+      std::ifstream in("/proc/self/status");
+      std::string line;
+      while (std::getline(in, line))
+        if (line.rfind(field, 0) == 0) return strtoull(line.c_str() + strlen(field), nullptr, 10);
+      return 0ull;
+    };
+    std::ofstream("/proc/self/clear_refs") << "5";  // the peak starts from here
+    uint64_t before = kb("VmRSS:");
+    auto r = ParseSafetensorsHeader(file, file.size());
+    if (!r.ok() || r->tensors.size() < 1000000) return 1;
+    uint64_t grew = (kb("VmHWM:") - before) << 10;
+    fprintf(stderr, "parsing a %zu MiB header took %llu MiB\n", header.size() >> 20,
+            static_cast<unsigned long long>(grew >> 20));
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    return 0;  // shadow memory makes the resident set no measure here
+#else
+    return grew <= 3 * header.size() ? 0 : 2;  // the tensors themselves take about twice the text
+#endif
+  });
+  CHECK(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
 }
 
 TEST_CASE("a safetensors tensor with an unknown dtype is named") {
