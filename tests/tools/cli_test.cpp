@@ -219,7 +219,8 @@ TEST_CASE("inspect shows control characters from a bundle escaped, never raw") {
   std::string p = dir / "esc.apbundle";
   BundleBuilder b;
   ModelMetadata md;
-  md.description = std::string("title \x1b]0;owned\x07 clear \x1b[2J nul \0 after", 41);
+  static const char kDescription[] = "title \x1b]0;owned\x07 clear \x1b[2J nul \0 after";
+  md.description = std::string(kDescription, sizeof(kDescription) - 1);
   md.author = "c1 \xc2\x9b" "31m";
   b.AddModel("m").SetMetadata(md).AddTensor("t", DType::kU8, {1}, kOneByte);
   REQUIRE(b.Build(p).ok());
