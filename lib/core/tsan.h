@@ -15,19 +15,25 @@
 
 #ifdef FL_TSAN
 extern "C" {
-void AnnotateNewMemory(const char* file, int line, uintptr_t mem, uintptr_t size);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
 void AnnotateIgnoreReadsBegin(const char* file, int line);
 void AnnotateIgnoreReadsEnd(const char* file, int line);
 }
-// Memory mapped by a path TSan does not intercept (liburing maps its rings
-// with raw system calls): forget what earlier mappings at these addresses did.
-#define FL_TSAN_NEW_MEMORY(p, n) AnnotateNewMemory(__FILE__, __LINE__, reinterpret_cast<uintptr_t>(p), (n))
+// Memory that a path TSan does not intercept unmaps and maps again at the
+// same address (liburing maps its rings with raw system calls): the kernel
+// orders the old mapping's last use before the new one's first, which
+// TSan learns from a release when one goes and an acquire when the next
+// comes (AnnotateNewMemory did not clear the old accesses here).
+#define FL_TSAN_MAPPING_GONE(p) __tsan_release(const_cast<void*>(static_cast<const volatile void*>(p)))
+#define FL_TSAN_MAPPING_NEW(p) __tsan_acquire(const_cast<void*>(static_cast<const volatile void*>(p)))
 // Reads ordered after other threads' writes by the kernel (a write-protect
 // ioctl, a userfaultfd install), which TSan cannot see.
 #define FL_TSAN_IGNORE_READS_BEGIN() AnnotateIgnoreReadsBegin(__FILE__, __LINE__)
 #define FL_TSAN_IGNORE_READS_END() AnnotateIgnoreReadsEnd(__FILE__, __LINE__)
 #else
-#define FL_TSAN_NEW_MEMORY(p, n) ((void)(p), (void)(n))
+#define FL_TSAN_MAPPING_GONE(p) ((void)(p))
+#define FL_TSAN_MAPPING_NEW(p) ((void)(p))
 #define FL_TSAN_IGNORE_READS_BEGIN() ((void)0)
 #define FL_TSAN_IGNORE_READS_END() ((void)0)
 #endif

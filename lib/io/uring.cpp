@@ -20,16 +20,19 @@ Result<std::unique_ptr<Ring>> Ring::Create(unsigned depth) {
   if (rc < 0) return Status::Error(-rc, "io_uring_queue_init(%u)", depth);
   // liburing maps the rings with raw system calls: a ring made where an
   // ended thread's ring was would look to TSan like a race between them.
-  const io_uring& ring = *r->ring_;
-  FL_TSAN_NEW_MEMORY(ring.sq.ring_ptr, ring.sq.ring_sz);
-  FL_TSAN_NEW_MEMORY(ring.cq.ring_ptr, ring.cq.ring_sz);
-  FL_TSAN_NEW_MEMORY(ring.sq.sqes, ring.sq.ring_entries * sizeof(io_uring_sqe));
+  FL_TSAN_MAPPING_NEW(r->ring_->sq.sqes);
+  FL_TSAN_MAPPING_NEW(r->ring_->sq.ring_ptr);
+  FL_TSAN_MAPPING_NEW(r->ring_->cq.ring_ptr);
   r->depth_ = depth;
   return r;
 }
 
 Ring::~Ring() {
-  if (depth_ > 0) io_uring_queue_exit(ring_.get());
+  if (depth_ == 0) return;
+  FL_TSAN_MAPPING_GONE(ring_->sq.sqes);
+  FL_TSAN_MAPPING_GONE(ring_->sq.ring_ptr);
+  FL_TSAN_MAPPING_GONE(ring_->cq.ring_ptr);
+  io_uring_queue_exit(ring_.get());
 }
 
 Status Ring::ReadAll(std::span<ReadOp> ops, const char* what) {
