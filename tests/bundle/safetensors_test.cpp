@@ -205,7 +205,7 @@ TEST_CASE("a 100 MiB safetensors header is parsed in a small multiple of its siz
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
     return 0;  // shadow memory makes the resident set no measure here
 #else
-    return grew <= 3 * header.size() ? 0 : 2;  // the tensors themselves take about twice the text
+    return grew <= 4 * header.size() ? 0 : 2;  // the tensors take 2-3x the text (12x as a DOM)
 #endif
   });
   CHECK(WIFEXITED(status));
