@@ -78,9 +78,11 @@ SELECT count(*), sum(k), min(v), max(v) FROM t;
 SELECT id, k FROM t WHERE k BETWEEN 5000 AND 5010 ORDER BY k;
 EOF
   # Its one large block (the index sorter, 32 MiB) is read and written at
-  # random: at half of it the run takes minutes of spill traffic (README:
-  # managed memory's costs), so it gets a budget a little under it.
-  program_budget=28M compare sqlite3 sqlite3 :memory: ".read $work/index.sql"
+  # random: at half of it the run takes minutes of spill traffic
+  # (docs/ARCHITECTURE.md: random writes past the budget thrash), so it
+  # gets a budget a little under it (still ~14,000 chunks spilled and read
+  # back, about 6 s).
+  program_budget=30M compare sqlite3 sqlite3 :memory: ".read $work/index.sql"
 else
   echo "FAIL sqlite3: not installed (scripts/deps.sh installs it)"; failures=$((failures + 1))
 fi
