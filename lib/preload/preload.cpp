@@ -16,6 +16,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <new>
 
 #include "alloc/guard.h"
@@ -356,14 +357,79 @@ ssize_t EachBuffer(const iovec* iov, int cnt, bool into, One one) noexcept {
   return total;
 }
 
-#define FL_NEXT(name, ...) static auto next_##name = Next<__VA_ARGS__>(#name)
+using ReadFn = size_t (*)(void*, size_t, size_t, FILE*);
+using WriteFn = size_t (*)(const void*, size_t, size_t, FILE*);
+
+// The next definitions (glibc's) of the wrapped calls, found when the
+// library loads: dlsym is not async-signal-safe, and write(2) and read(2)
+// are called from signal handlers (the self-pipe trick). A call that comes
+// before the constructor (from another library's) finds its own.
+#define FL_NEXT_FN(name, ...)                                                          \
+  using NextT_##name = __VA_ARGS__;                                                    \
+  std::atomic<NextT_##name> g_next_##name{nullptr};                                    \
+  NextT_##name NextOf_##name() noexcept {                                              \
+    auto f = g_next_##name.load(std::memory_order_acquire);                            \
+    if (!f) g_next_##name.store(f = Next<NextT_##name>(#name), std::memory_order_release); \
+    return f;                                                                          \
+  }
+
+FL_NEXT_FN(read, ssize_t (*)(int, void*, size_t))
+FL_NEXT_FN(pread, ssize_t (*)(int, void*, size_t, off_t))
+FL_NEXT_FN(write, ssize_t (*)(int, const void*, size_t))
+FL_NEXT_FN(pwrite, ssize_t (*)(int, const void*, size_t, off_t))
+FL_NEXT_FN(recv, ssize_t (*)(int, void*, size_t, int))
+FL_NEXT_FN(recvfrom, ssize_t (*)(int, void*, size_t, int, sockaddr*, socklen_t*))
+FL_NEXT_FN(send, ssize_t (*)(int, const void*, size_t, int))
+FL_NEXT_FN(sendto, ssize_t (*)(int, const void*, size_t, int, const sockaddr*, socklen_t))
+FL_NEXT_FN(readv, ssize_t (*)(int, const iovec*, int))
+FL_NEXT_FN(writev, ssize_t (*)(int, const iovec*, int))
+FL_NEXT_FN(preadv, ssize_t (*)(int, const iovec*, int, off_t))
+FL_NEXT_FN(pwritev, ssize_t (*)(int, const iovec*, int, off_t))
+FL_NEXT_FN(recvmsg, ssize_t (*)(int, msghdr*, int))
+FL_NEXT_FN(sendmsg, ssize_t (*)(int, const msghdr*, int))
+FL_NEXT_FN(fread, ReadFn)
+FL_NEXT_FN(fread_unlocked, ReadFn)
+FL_NEXT_FN(fwrite, WriteFn)
+FL_NEXT_FN(fwrite_unlocked, WriteFn)
+FL_NEXT_FN(__read_chk, ssize_t (*)(int, void*, size_t, size_t))
+FL_NEXT_FN(__pread64_chk, ssize_t (*)(int, void*, size_t, off_t, size_t))
+FL_NEXT_FN(__recv_chk, ssize_t (*)(int, void*, size_t, size_t, int))
+FL_NEXT_FN(__fread_chk, size_t (*)(void*, size_t, size_t, size_t, FILE*))
+FL_NEXT_FN(__fread_unlocked_chk, size_t (*)(void*, size_t, size_t, size_t, FILE*))
+
+__attribute__((constructor(102))) void ResolveNext() {
+  (void)NextOf_read();
+  (void)NextOf_pread();
+  (void)NextOf_write();
+  (void)NextOf_pwrite();
+  (void)NextOf_recv();
+  (void)NextOf_recvfrom();
+  (void)NextOf_send();
+  (void)NextOf_sendto();
+  (void)NextOf_readv();
+  (void)NextOf_writev();
+  (void)NextOf_preadv();
+  (void)NextOf_pwritev();
+  (void)NextOf_recvmsg();
+  (void)NextOf_sendmsg();
+  (void)NextOf_fread();
+  (void)NextOf_fread_unlocked();
+  (void)NextOf_fwrite();
+  (void)NextOf_fwrite_unlocked();
+  (void)NextOf___read_chk();
+  (void)NextOf___pread64_chk();
+  (void)NextOf___recv_chk();
+  (void)NextOf___fread_chk();
+  (void)NextOf___fread_unlocked_chk();
+}
+
 
 }  // namespace
 
 extern "C" {
 
 FL_EXPORT ssize_t read(int fd, void* buf, size_t n) {
-  FL_NEXT(read, ssize_t (*)(int, void*, size_t));
+  const auto next_read = NextOf_read();
   if (!NeedsTouch(buf, n)) return next_read(fd, buf, n);
   return InPieces(buf, n, true, [&](char* p, size_t len, size_t) { return next_read(fd, p, len); });
 }
@@ -380,7 +446,7 @@ FL_EXPORT ssize_t FlPwritev(int fd, const iovec* iov, int cnt, off_t off) __asm_
 FL_EXPORT ssize_t FlPwritev64(int fd, const iovec* iov, int cnt, off_t off) __asm__("pwritev64");
 
 FL_EXPORT ssize_t FlPread(int fd, void* buf, size_t n, off_t off) {
-  FL_NEXT(pread, ssize_t (*)(int, void*, size_t, off_t));
+  const auto next_pread = NextOf_pread();
   if (!NeedsTouch(buf, n)) return next_pread(fd, buf, n, off);
   return InPieces(buf, n, true, [&](char* p, size_t len, size_t done) {
     return next_pread(fd, p, len, off + static_cast<off_t>(done));
@@ -389,13 +455,13 @@ FL_EXPORT ssize_t FlPread(int fd, void* buf, size_t n, off_t off) {
 FL_EXPORT ssize_t FlPread64(int fd, void* buf, size_t n, off_t off) { return FlPread(fd, buf, n, off); }
 
 FL_EXPORT ssize_t write(int fd, const void* buf, size_t n) {
-  FL_NEXT(write, ssize_t (*)(int, const void*, size_t));
+  const auto next_write = NextOf_write();
   if (!NeedsTouch(buf, n)) return next_write(fd, buf, n);
   return InPieces(const_cast<void*>(buf), n, false, [&](char* p, size_t len, size_t) { return next_write(fd, p, len); });
 }
 
 FL_EXPORT ssize_t FlPwrite(int fd, const void* buf, size_t n, off_t off) {
-  FL_NEXT(pwrite, ssize_t (*)(int, const void*, size_t, off_t));
+  const auto next_pwrite = NextOf_pwrite();
   if (!NeedsTouch(buf, n)) return next_pwrite(fd, buf, n, off);
   return InPieces(const_cast<void*>(buf), n, false, [&](char* p, size_t len, size_t done) {
     return next_pwrite(fd, p, len, off + static_cast<off_t>(done));
@@ -404,7 +470,7 @@ FL_EXPORT ssize_t FlPwrite(int fd, const void* buf, size_t n, off_t off) {
 FL_EXPORT ssize_t FlPwrite64(int fd, const void* buf, size_t n, off_t off) { return FlPwrite(fd, buf, n, off); }
 
 FL_EXPORT ssize_t recv(int fd, void* buf, size_t n, int flags) {
-  FL_NEXT(recv, ssize_t (*)(int, void*, size_t, int));
+  const auto next_recv = NextOf_recv();
   if (!NeedsTouch(buf, n)) return next_recv(fd, buf, n, flags);
   // One piece only: a socket that gave less than asked may have no more.
   size_t len = n < kPiece ? n : kPiece;
@@ -412,7 +478,7 @@ FL_EXPORT ssize_t recv(int fd, void* buf, size_t n, int flags) {
 }
 
 FL_EXPORT ssize_t recvfrom(int fd, void* buf, size_t n, int flags, sockaddr* addr, socklen_t* alen) {
-  FL_NEXT(recvfrom, ssize_t (*)(int, void*, size_t, int, sockaddr*, socklen_t*));
+  const auto next_recvfrom = NextOf_recvfrom();
   if (!NeedsTouch(buf, n)) return next_recvfrom(fd, buf, n, flags, addr, alen);
   // Datagrams cannot be split: the whole buffer, touched, in one call.
   iovec v = {buf, n};
@@ -420,32 +486,32 @@ FL_EXPORT ssize_t recvfrom(int fd, void* buf, size_t n, int flags, sockaddr* add
 }
 
 FL_EXPORT ssize_t send(int fd, const void* buf, size_t n, int flags) {
-  FL_NEXT(send, ssize_t (*)(int, const void*, size_t, int));
+  const auto next_send = NextOf_send();
   if (!NeedsTouch(buf, n)) return next_send(fd, buf, n, flags);
   return InPieces(const_cast<void*>(buf), n, false, [&](char* p, size_t len, size_t) { return next_send(fd, p, len, flags); });
 }
 
 FL_EXPORT ssize_t sendto(int fd, const void* buf, size_t n, int flags, const sockaddr* addr, socklen_t alen) {
-  FL_NEXT(sendto, ssize_t (*)(int, const void*, size_t, int, const sockaddr*, socklen_t));
+  const auto next_sendto = NextOf_sendto();
   if (!NeedsTouch(buf, n)) return next_sendto(fd, buf, n, flags, addr, alen);
   iovec v = {const_cast<void*>(buf), n};
   return Vectored(&v, 1, false, [&] { return next_sendto(fd, buf, n, flags, addr, alen); });
 }
 
 FL_EXPORT ssize_t readv(int fd, const iovec* iov, int cnt) {
-  FL_NEXT(readv, ssize_t (*)(int, const iovec*, int));
+  const auto next_readv = NextOf_readv();
   if (!AnyManaged(iov, cnt)) return next_readv(fd, iov, cnt);
   return EachBuffer(iov, cnt, true, [&](char* p, size_t l, size_t) { return read(fd, p, l); });
 }
 
 FL_EXPORT ssize_t writev(int fd, const iovec* iov, int cnt) {
-  FL_NEXT(writev, ssize_t (*)(int, const iovec*, int));
+  const auto next_writev = NextOf_writev();
   if (!AnyManaged(iov, cnt)) return next_writev(fd, iov, cnt);
   return EachBuffer(iov, cnt, false, [&](char* p, size_t l, size_t) { return write(fd, p, l); });
 }
 
 FL_EXPORT ssize_t FlPreadv(int fd, const iovec* iov, int cnt, off_t off) {
-  FL_NEXT(preadv, ssize_t (*)(int, const iovec*, int, off_t));
+  const auto next_preadv = NextOf_preadv();
   if (!AnyManaged(iov, cnt)) return next_preadv(fd, iov, cnt, off);
   return EachBuffer(iov, cnt, true, [&](char* p, size_t l, size_t done) {
     return FlPread(fd, p, l, off + static_cast<off_t>(done));
@@ -454,7 +520,7 @@ FL_EXPORT ssize_t FlPreadv(int fd, const iovec* iov, int cnt, off_t off) {
 FL_EXPORT ssize_t FlPreadv64(int fd, const iovec* iov, int cnt, off_t off) { return FlPreadv(fd, iov, cnt, off); }
 
 FL_EXPORT ssize_t FlPwritev(int fd, const iovec* iov, int cnt, off_t off) {
-  FL_NEXT(pwritev, ssize_t (*)(int, const iovec*, int, off_t));
+  const auto next_pwritev = NextOf_pwritev();
   if (!AnyManaged(iov, cnt)) return next_pwritev(fd, iov, cnt, off);
   return EachBuffer(iov, cnt, false, [&](char* p, size_t l, size_t done) {
     return FlPwrite(fd, p, l, off + static_cast<off_t>(done));
@@ -463,13 +529,13 @@ FL_EXPORT ssize_t FlPwritev(int fd, const iovec* iov, int cnt, off_t off) {
 FL_EXPORT ssize_t FlPwritev64(int fd, const iovec* iov, int cnt, off_t off) { return FlPwritev(fd, iov, cnt, off); }
 
 FL_EXPORT ssize_t recvmsg(int fd, msghdr* msg, int flags) {
-  FL_NEXT(recvmsg, ssize_t (*)(int, msghdr*, int));
+  const auto next_recvmsg = NextOf_recvmsg();
   if (!msg || !AnyManaged(msg->msg_iov, static_cast<int>(msg->msg_iovlen))) return next_recvmsg(fd, msg, flags);
   return Vectored(msg->msg_iov, static_cast<int>(msg->msg_iovlen), true, [&] { return next_recvmsg(fd, msg, flags); });
 }
 
 FL_EXPORT ssize_t sendmsg(int fd, const msghdr* msg, int flags) {
-  FL_NEXT(sendmsg, ssize_t (*)(int, const msghdr*, int));
+  const auto next_sendmsg = NextOf_sendmsg();
   if (!msg || !AnyManaged(msg->msg_iov, static_cast<int>(msg->msg_iovlen))) return next_sendmsg(fd, msg, flags);
   return Vectored(msg->msg_iov, static_cast<int>(msg->msg_iovlen), false, [&] { return next_sendmsg(fd, msg, flags); });
 }
@@ -497,52 +563,50 @@ size_t Stdio(Fn next, Buf buf, size_t size, size_t n, FILE* f, bool into) {
   return moved;
 }
 
-using ReadFn = size_t (*)(void*, size_t, size_t, FILE*);
-using WriteFn = size_t (*)(const void*, size_t, size_t, FILE*);
 
 }  // namespace
 
 extern "C" {
 
 FL_EXPORT size_t fread(void* buf, size_t size, size_t n, FILE* f) {
-  FL_NEXT(fread, ReadFn);
+  const auto next_fread = NextOf_fread();
   return Stdio(next_fread, buf, size, n, f, true);
 }
 FL_EXPORT size_t fread_unlocked(void* buf, size_t size, size_t n, FILE* f) {
-  FL_NEXT(fread_unlocked, ReadFn);
+  const auto next_fread_unlocked = NextOf_fread_unlocked();
   return Stdio(next_fread_unlocked, buf, size, n, f, true);
 }
 FL_EXPORT size_t fwrite(const void* buf, size_t size, size_t n, FILE* f) {
-  FL_NEXT(fwrite, WriteFn);
+  const auto next_fwrite = NextOf_fwrite();
   return Stdio(next_fwrite, buf, size, n, f, false);
 }
 FL_EXPORT size_t fwrite_unlocked(const void* buf, size_t size, size_t n, FILE* f) {
-  FL_NEXT(fwrite_unlocked, WriteFn);
+  const auto next_fwrite_unlocked = NextOf_fwrite_unlocked();
   return Stdio(next_fwrite_unlocked, buf, size, n, f, false);
 }
 
 // _FORTIFY_SOURCE builds (most distribution binaries) call these: glibc's
 // check first (it aborts on an overflow), then the wrapper.
 FL_EXPORT ssize_t __read_chk(int fd, void* buf, size_t n, size_t buflen) {
-  FL_NEXT(__read_chk, ssize_t (*)(int, void*, size_t, size_t));
+  const auto next___read_chk = NextOf___read_chk();
   return n > buflen ? next___read_chk(fd, buf, n, buflen) : read(fd, buf, n);
 }
 FL_EXPORT ssize_t __pread64_chk(int fd, void* buf, size_t n, off_t off, size_t buflen) {
-  FL_NEXT(__pread64_chk, ssize_t (*)(int, void*, size_t, off_t, size_t));
+  const auto next___pread64_chk = NextOf___pread64_chk();
   return n > buflen ? next___pread64_chk(fd, buf, n, off, buflen) : FlPread(fd, buf, n, off);
 }
 FL_EXPORT ssize_t __recv_chk(int fd, void* buf, size_t n, size_t buflen, int flags) {
-  FL_NEXT(__recv_chk, ssize_t (*)(int, void*, size_t, size_t, int));
+  const auto next___recv_chk = NextOf___recv_chk();
   return n > buflen ? next___recv_chk(fd, buf, n, buflen, flags) : recv(fd, buf, n, flags);
 }
 FL_EXPORT size_t __fread_chk(void* buf, size_t buflen, size_t size, size_t n, FILE* f) {
-  FL_NEXT(__fread_chk, size_t (*)(void*, size_t, size_t, size_t, FILE*));
+  const auto next___fread_chk = NextOf___fread_chk();
   size_t total;
   if (__builtin_mul_overflow(size, n, &total) || total > buflen) return next___fread_chk(buf, buflen, size, n, f);
   return fread(buf, size, n, f);
 }
 FL_EXPORT size_t __fread_unlocked_chk(void* buf, size_t buflen, size_t size, size_t n, FILE* f) {
-  FL_NEXT(__fread_unlocked_chk, size_t (*)(void*, size_t, size_t, size_t, FILE*));
+  const auto next___fread_unlocked_chk = NextOf___fread_unlocked_chk();
   size_t total;
   if (__builtin_mul_overflow(size, n, &total) || total > buflen)
     return next___fread_unlocked_chk(buf, buflen, size, n, f);
