@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
 
 #include "bundle/manifest.h"
@@ -22,7 +23,7 @@ using namespace internal;
 
 namespace {
 
-constexpr uint64_t kDefaultMaxExpansion = 4096;
+constexpr unsigned kDefaultMaxExpansion = 4096;
 
 Status CheckLayout(const Header& h, uint64_t real_size) {
   if (h.file_size != real_size)
@@ -235,13 +236,9 @@ Status BundleReader::Impl::DecodeAll(const TensorInfo& obj, std::byte* out, cons
 static Status CheckDeclaredSize(const BundleInfo& info, const ReaderOptions& options) {
   uint64_t expansion = options.max_expansion, most = options.max_size;
   if (expansion == ReaderOptions::kFromEnvironment) {
-    expansion = kDefaultMaxExpansion;
-    if (const char* v = OptionValue(OptionId::kMaxExpansion)) {
-      char* end = nullptr;
-      unsigned long long n = strtoull(v, &end, 10);
-      if (*v >= '0' && *v <= '9' && *end == '\0') expansion = n;
-      else WarnBadOption(OptionId::kMaxExpansion, v, "an integer (0 = no limit)");
-    }
+    unsigned e = kDefaultMaxExpansion;
+    OptionUnsigned(OptionId::kMaxExpansion, UINT_MAX, &e);
+    expansion = e;
   }
   if (most == ReaderOptions::kFromEnvironment) {
     most = 0;

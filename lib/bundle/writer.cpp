@@ -407,16 +407,14 @@ Status FrameWriter::WriteObject(PendingObject& p, BuildSummary* sum) {
       // pending between objects.
       if (b.count) encode(0);
       status = write_batch(b);
-      done_ += b.len;
-      if (opts_.progress) opts_.progress(done_, total_);
-      continue;
+    } else {
+      pool_.ParallelFor(b.count, encode);
+      if (pending) status = writer_.Wait();
+      pending = false;
+      if (!status.ok()) break;
+      writer_.Submit([&write_batch, &b] { return write_batch(b); });
+      pending = true;
     }
-    pool_.ParallelFor(b.count, encode);
-    if (pending) status = writer_.Wait();
-    pending = false;
-    if (!status.ok()) break;
-    writer_.Submit([&write_batch, &b] { return write_batch(b); });
-    pending = true;
     done_ += b.len;
     if (opts_.progress) opts_.progress(done_, total_);
   }

@@ -120,10 +120,7 @@ Status Engine::Start() {
       frame_count_ += t.frame_count;
       cur = s.offset + t.frame_count * s.page;
       if (max_page_ != 0 && max_page_ != s.page && t.frame_count) uniform_pages_ = false;
-      if (t.frame_count) {
-        if (s.page > max_page_) largest_ = &t;
-        max_page_ = std::max(max_page_, s.page);
-      }
+      if (t.frame_count) max_page_ = std::max(max_page_, s.page);
     }
   if (max_page_ == 0) max_page_ = kMinPageSize;
   view_align = std::max<uint64_t>(view_align, max_page_);
@@ -147,12 +144,15 @@ Status Engine::Start() {
   if (config_.mode != PagingMode::kMmap) config_.max_resident = FitBudgetToCgroup(config_.max_resident, "paging");
   batch_ = static_cast<unsigned>(std::clamp<uint64_t>(kBatchBytes / max_page_, 1, kBatch));
   if (config_.mode != PagingMode::kMmap && max_page_ > kBatchBytes / kBatch &&
-      config_.max_resident < 4ull * max_page_)
+      config_.max_resident < 4ull * max_page_) {
+    auto largest = std::find_if(tensors_.begin(), tensors_.end(),
+                                [&](const TensorSlot& t) { return t.frames && t.page == max_page_; });
     return Status::Error(EINVAL,
                          "tensor '%.64s' has frames of %llu MiB; a budget of %llu MiB must hold at least four: "
                          "raise the budget or repack with a smaller --page-size",
-                         largest_ ? largest_->name.c_str() : "?", static_cast<unsigned long long>(max_page_ >> 20),
+                         largest->info->name.c_str(), static_cast<unsigned long long>(max_page_ >> 20),
                          static_cast<unsigned long long>(config_.max_resident >> 20));
+  }
   unsigned workers = config_.workers ? config_.workers : ThreadPool::DefaultThreads();
   workers = std::min(workers, 64u);
   const uint64_t worker_bytes = batch_ * (MaxStoredLength(Codec::kZstd, max_page_) + max_page_) + max_page_;

@@ -218,7 +218,6 @@ class Engine {
   std::unique_ptr<Frame[]> frames_;
   uint64_t frame_count_ = 0;
   uint32_t max_page_ = 0;
-  const TensorInfo* largest_ = nullptr;  // a tensor with frames of max_page_
   bool uniform_pages_ = true;
   unsigned batch_ = 1;         // frames a worker loads at once (bounded in bytes)
   unsigned worker_count_ = 1;  // workers to start

@@ -342,6 +342,7 @@ bool AnyManaged(const iovec* iov, int cnt) noexcept {
 
 // Vector calls on files: buffer by buffer in touched pieces (a vector
 // larger than the budget cannot be touched whole), stopping at a short one.
+// `one` is glibc's single-buffer call: InPieces has touched the piece.
 template <typename One>
 ssize_t EachBuffer(const iovec* iov, int cnt, bool into, One one) noexcept {
   ssize_t total = 0;
@@ -501,20 +502,20 @@ FL_EXPORT ssize_t sendto(int fd, const void* buf, size_t n, int flags, const soc
 FL_EXPORT ssize_t readv(int fd, const iovec* iov, int cnt) {
   const auto next_readv = NextOf_readv();
   if (!AnyManaged(iov, cnt)) return next_readv(fd, iov, cnt);
-  return EachBuffer(iov, cnt, true, [&](char* p, size_t l, size_t) { return read(fd, p, l); });
+  return EachBuffer(iov, cnt, true, [&](char* p, size_t l, size_t) { return NextOf_read()(fd, p, l); });
 }
 
 FL_EXPORT ssize_t writev(int fd, const iovec* iov, int cnt) {
   const auto next_writev = NextOf_writev();
   if (!AnyManaged(iov, cnt)) return next_writev(fd, iov, cnt);
-  return EachBuffer(iov, cnt, false, [&](char* p, size_t l, size_t) { return write(fd, p, l); });
+  return EachBuffer(iov, cnt, false, [&](char* p, size_t l, size_t) { return NextOf_write()(fd, p, l); });
 }
 
 FL_EXPORT ssize_t FlPreadv(int fd, const iovec* iov, int cnt, off_t off) {
   const auto next_preadv = NextOf_preadv();
   if (!AnyManaged(iov, cnt)) return next_preadv(fd, iov, cnt, off);
   return EachBuffer(iov, cnt, true, [&](char* p, size_t l, size_t done) {
-    return FlPread(fd, p, l, off + static_cast<off_t>(done));
+    return NextOf_pread()(fd, p, l, off + static_cast<off_t>(done));
   });
 }
 FL_EXPORT ssize_t FlPreadv64(int fd, const iovec* iov, int cnt, off_t off) { return FlPreadv(fd, iov, cnt, off); }
@@ -523,7 +524,7 @@ FL_EXPORT ssize_t FlPwritev(int fd, const iovec* iov, int cnt, off_t off) {
   const auto next_pwritev = NextOf_pwritev();
   if (!AnyManaged(iov, cnt)) return next_pwritev(fd, iov, cnt, off);
   return EachBuffer(iov, cnt, false, [&](char* p, size_t l, size_t done) {
-    return FlPwrite(fd, p, l, off + static_cast<off_t>(done));
+    return NextOf_pwrite()(fd, p, l, off + static_cast<off_t>(done));
   });
 }
 FL_EXPORT ssize_t FlPwritev64(int fd, const iovec* iov, int cnt, off_t off) { return FlPwritev(fd, iov, cnt, off); }
